@@ -1,0 +1,259 @@
+"""Typed run configuration: YAML sections mirroring the stages, validated once at the edge.
+
+Each field is documented where it is declared (its ``doc`` metadata is what ``--help-config``
+prints). Inner code receives these frozen objects, never raw dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key (``model.batch_size``) or the file."""
+
+
+def _f(default: Any = dataclasses.MISSING, doc: str = "", **kw) -> Any:
+    if isinstance(default, (dict, list)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"doc": doc}, **kw)
+    return field(default=default, metadata={"doc": doc}, **kw)
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    urls: tuple[str, ...] = _f(doc="shard URL(s): a string or list, brace- ({00000..00099}) and glob-expanded")
+    storage_options: dict = _f({}, doc="fsspec options for reading shards (endpoint_url, key, secret, ...)")
+    image_keys: tuple[str, ...] = _f(("jpg", "jpeg", "png", "webp"),
+                                     doc="member extensions that hold the image, in priority order")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    resolution: int = _f(256, doc="square side fed to the model (shorter side resized, then center-cropped)")
+    min_size: int = _f(0, doc="skip images whose shorter side is smaller (reason too_small)")
+    value_range: tuple[float, float] = _f((-1.0, 1.0), doc="pixel range the model expects: [-1, 1] or [0, 1]")
+    decode_workers: Union[int, Literal["auto"]] = _f(
+        "auto", doc="image-decoding threads per worker; auto = the worker's CPUs (ray.cpus_per_worker)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = _f(doc="diffusers-format checkpoint folder, local or fsspec URL; 'demo' = the shipped demo tokenizer")
+    subfolder: Union[str, None] = _f(None, doc="subfolder inside path (e.g. 'vqvae' or 'movq')")
+    storage_options: dict = _f({}, doc="fsspec options for reading the checkpoint")
+    scaling_factor: Union[float, None] = _f(None, doc="override the checkpoint's scaling_factor")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", doc="auto = bf16 on CUDA, fp32 on CPU")
+    compile: Literal["auto", True, False] = _f("auto", doc="torch.compile the encoder; auto = on for CUDA")
+    batch_size: int = _f(64, doc="images per forward pass")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    path: str = _f(doc="output folder, local or fsspec URL")
+    storage_options: dict = _f({}, doc="fsspec options for writing")
+    codes: bool = _f(True, doc="write the codes column")
+    latents: bool = _f(True, doc="write the latents column (h * scaling_factor)")
+    latent_dtype: Literal["float16", "float32"] = _f("float16", doc="storage dtype of latents")
+    compression: Literal["zstd", "snappy", "gzip", "lz4", "brotli", "none"] = _f("zstd", doc="Parquet codec")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: Union[str, None] = _f(None, doc="unset = embedded local Ray; 'auto' or 'ray://host:port' = join a cluster")
+    num_workers: Union[int, Literal["auto"]] = _f("auto", doc="auto = one per GPU, or one CPU worker without GPUs")
+    gpus_per_worker: Union[float, Literal["auto"]] = _f("auto", doc="auto = 1 when the cluster has GPUs, else 0")
+    cpus_per_worker: int = _f(2, doc="CPUs reserved per worker for image decoding")
+    max_retries: int = _f(3, doc="attempts per shard before it is recorded as failed")
+    shard_timeout_s: float = _f(900.0, doc="a shard whose worker shows no progress this long is handed to another")
+    speculative: bool = _f(True, doc="near the end, idle workers re-run the slowest shards (first commit wins)")
+    guard_shards: int = _f(4, doc="misconfiguration guard: look at the first N finished shards")
+    guard_fail_fraction: float = _f(0.9, doc="stop when that many of their samples failed for one reason (0 = off)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    input: InputConfig
+    model: ModelConfig
+    output: OutputConfig
+    preprocess: PreprocessConfig = _f(PreprocessConfig())
+    ray: RayConfig = _f(RayConfig())
+
+    def to_dict(self, redact: bool = True) -> dict:
+        data = dataclasses.asdict(self)
+        return redact_secrets(data) if redact else data
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read YAML, apply ``section.key=value`` overrides, validate into a :class:`RunConfig`."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config ({err.strerror or err})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    config = build(RunConfig, raw, "")
+    semantic_checks(config)
+    return config
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """``model.batch_size=128`` -> ``raw['model']['batch_size'] = 128`` (value parsed as YAML)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def build(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from ``raw``, naming the dotted key of any problem."""
+    where = prefix or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {_kind(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {_join(prefix, unknown[0])!r}; {where} takes {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        key = _join(prefix, name)
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                doc = f.metadata.get("doc")
+                raise ConfigError(f"missing required key {key!r}" + (f": {doc}" if doc else ""))
+            continue
+        values[name] = _coerce(hints[name], raw[name], key)
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value if value is not None else {}, key)
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return _coerce_union(typing.get_args(tp), value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, str) and value.lower() in ("true", "false") and True in choices:
+            value = value.lower() == "true"
+        if value not in choices or (isinstance(value, bool) and not any(c is value for c in choices)):
+            raise ConfigError(f"{key} = {value!r}; choose one of {list(choices)}")
+        return value
+    if origin is tuple:
+        return _coerce_tuple(typing.get_args(tp), value, key)
+    if tp is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {_kind(value)}")
+        return dict(value)
+    return _coerce_scalar(tp, value, key)
+
+
+def _coerce_union(options: tuple, value: Any, key: str) -> Any:
+    if value is None and type(None) in options:
+        return None
+    errors = []
+    for option in (o for o in options if o is not type(None)):
+        try:
+            return _coerce(option, value, key)
+        except ConfigError as err:
+            errors.append(str(err))
+    raise ConfigError(errors[-1] if len(errors) == 1 else f"{key} = {value!r} is not valid: {'; or '.join(errors)}")
+
+
+def _coerce_tuple(args: tuple, value: Any, key: str) -> tuple:
+    if isinstance(value, str) and args[-1] is Ellipsis:
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key} must be a list, got {_kind(value)}")
+    if args[-1] is Ellipsis:
+        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+        raise ConfigError(f"{key} must have {len(args)} items, got {len(value)}")
+    return tuple(_coerce(t, v, f"{key}[{i}]") for i, (t, v) in enumerate(zip(args, value)))
+
+
+def _coerce_scalar(tp: type, value: Any, key: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, str):
+            raise ConfigError(f"{key} must not be empty")
+    raise ConfigError(f"{key} must be {tp.__name__}, got {_kind(value)} {value!r}")
+
+
+def redact_secrets(data: Any) -> Any:
+    """Replace values of secret-looking keys (``secret``, ``token``, ``key`` ...) at any depth."""
+    if isinstance(data, dict):
+        return {k: ("***" if _is_secret(k, v) else redact_secrets(v)) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(redact_secrets(v) for v in data)
+    return data
+
+
+def _is_secret(key: Any, value: Any) -> bool:
+    return isinstance(key, str) and isinstance(value, str) and any(w in key.lower() for w in SECRET_WORDS)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def semantic_checks(config: RunConfig) -> None:
+    """Range checks the types cannot express."""
+    checks = [
+        (config.preprocess.resolution >= 8, "preprocess.resolution must be >= 8"),
+        (config.preprocess.min_size >= 0, "preprocess.min_size must be >= 0"),
+        (config.preprocess.value_range[0] < config.preprocess.value_range[1],
+         "preprocess.value_range must be [low, high] with low < high"),
+        (config.preprocess.decode_workers == "auto" or config.preprocess.decode_workers >= 1,
+         "preprocess.decode_workers must be >= 1 or auto"),
+        (config.model.batch_size >= 1, "model.batch_size must be >= 1"),
+        (config.output.codes or config.output.latents, "output.codes and output.latents cannot both be false"),
+        (config.ray.num_workers == "auto" or config.ray.num_workers >= 1, "ray.num_workers must be >= 1 or auto"),
+        (config.ray.cpus_per_worker >= 1, "ray.cpus_per_worker must be >= 1"),
+        (config.ray.max_retries >= 1, "ray.max_retries must be >= 1"),
+        (config.ray.shard_timeout_s > 0, "ray.shard_timeout_s must be > 0"),
+        (0 <= config.ray.guard_fail_fraction <= 1, "ray.guard_fail_fraction must be within [0, 1]"),
+        (bool(config.input.image_keys), "input.image_keys must not be empty"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

@@ -1,0 +1,123 @@
+"""Batches of uint8 pixels -> VQ codes and scaled latents, on the worker's device.
+
+The GPU stage of the pipeline: holds the model (loaded and compiled once per worker) and runs
+:meth:`vqpipe.VQModel.tokenize` under the configured precision, with the guards a multi-day run
+needs (non-finite latents under AMP, CUDA out-of-memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from typing import Callable
+
+import numpy as np
+import torch
+
+from vqpipe.config import ModelConfig
+from vqpipe.model import VQModel
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL = "demo"
+
+
+@dataclass
+class EncodedBatch:
+    codes: np.ndarray  # (B, h, w) int64
+    latents: np.ndarray  # (B, D, h, w) float32, already multiplied by scaling_factor
+    finite: np.ndarray  # (B,) bool: False where latents stayed non-finite even in fp32
+    amp_fallback: bool  # the batch was re-encoded in fp32 because AMP produced NaN/Inf
+
+
+def resolve_model_path(path: str) -> str:
+    """``demo`` names the tokenizer shipped inside the package; anything else is a path or URL."""
+    if path == DEMO_MODEL:
+        return str(resources.files("vqpipe") / "assets" / "demo-vq")
+    return path
+
+
+def load_model(config: ModelConfig) -> VQModel:
+    model = VQModel.from_pretrained(resolve_model_path(config.path), subfolder=config.subfolder,
+                                    storage_options=config.storage_options)
+    if config.scaling_factor is not None:
+        model.config = dataclasses.replace(model.config, scaling_factor=config.scaling_factor)
+    return model.eval().requires_grad_(False)
+
+
+def pick_device() -> torch.device:
+    # Inside a Ray actor CUDA_VISIBLE_DEVICES holds only the GPU(s) Ray assigned, so cuda:0 is ours.
+    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+class TokenEncoder:
+    """``(B, R, R, 3)`` uint8 pixels -> :class:`EncodedBatch`.
+
+    ``compile`` wraps the encoder in ``torch.compile`` with static shapes; partial batches are
+    padded up to the batch size so the last batch of every shard does not trigger a recompile.
+    """
+
+    def __init__(self, model: VQModel, device: torch.device, precision: str, compile: bool | str,
+                 batch_size: int, value_range: tuple[float, float]):
+        self.device = device
+        self.model = model.to(device)
+        self.autocast_dtype = model.autocast_dtype(precision, device)
+        self.compiled = compile is True or (compile == "auto" and device.type == "cuda")
+        self.batch_size = batch_size
+        low, high = value_range
+        self._scale, self._offset = (high - low) / 255.0, low
+        if device.type == "cuda":
+            # NHWC pixels permuted to NCHW are already channels_last: keep the whole net in it.
+            self.model.to(memory_format=torch.channels_last)
+        self._tokenize: Callable = model.tokenize
+        if self.compiled:
+            self._tokenize = torch.compile(model.tokenize, dynamic=False)
+        self.amp_fallback_batches = 0
+
+    @torch.inference_mode()
+    def __call__(self, pixels: np.ndarray) -> EncodedBatch:
+        if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
+            raise ValueError(f"expected (B, R, R, 3) uint8 pixels, got {pixels.dtype} {pixels.shape}")
+        x = self._to_device(pixels)
+        codes, latents = self._encode_with_oom_guard(x)
+        finite = torch.isfinite(latents).flatten(1).all(dim=1)
+        amp_fallback = False
+        if self.autocast_dtype is not None and not bool(finite.all()):
+            # fp16 overflow is a known failure of some VQ checkpoints: redo the batch in fp32.
+            amp_fallback = True
+            self.amp_fallback_batches += 1
+            codes, latents = self.model.tokenize(x, autocast_dtype=None)
+            finite = torch.isfinite(latents).flatten(1).all(dim=1)
+        return EncodedBatch(codes.cpu().numpy(), latents.cpu().numpy(), finite.cpu().numpy(), amp_fallback)
+
+    def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
+        # Upload uint8 (4x fewer bytes than fp32) and scale on the device.
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        tensor = tensor.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        return tensor.float().mul_(self._scale).add_(self._offset)
+
+    def _encode_with_oom_guard(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[0] > self.batch_size:
+            parts = [self._encode_with_oom_guard(part) for part in x.split(self.batch_size)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        try:
+            return self._encode_padded(x)
+        except torch.OutOfMemoryError:
+            if x.shape[0] == 1:
+                raise
+            torch.cuda.empty_cache()
+            self.batch_size = max(1, x.shape[0] // 2)
+            log.warning("CUDA out of memory at batch %d: halving the batch size to %d", x.shape[0], self.batch_size)
+            return self._encode_with_oom_guard(x)
+
+    def _encode_padded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        if not self.compiled or n >= self.batch_size:
+            return self._tokenize(x, autocast_dtype=self.autocast_dtype)
+        pad = x[-1:].expand(self.batch_size - n, *x.shape[1:])
+        codes, latents = self._tokenize(torch.cat([x, pad]), autocast_dtype=self.autocast_dtype)
+        return codes[:n], latents[:n]
