@@ -1,0 +1,77 @@
+"""TokenEncoder: uint8 pixels in, codes and scaled latents out, with AMP and overflow guards."""
+
+import numpy as np
+import pytest
+import torch
+
+from vqpipe import VQModel
+from vqpipe.encode import TokenEncoder
+
+CONFIG = dict(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+              up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, num_vq_embeddings=64)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return VQModel(**CONFIG).eval()
+
+
+def _pixels(n, size=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("value_range", [(-1.0, 1.0), (0.0, 1.0)])
+def test_matches_model_on_scaled_pixels(model, value_range):
+    pixels = _pixels(5)
+    encoder = TokenEncoder(model, torch.device("cpu"), "fp32", False, batch_size=4, value_range=value_range)
+    out = encoder(pixels)
+    low, high = value_range
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 * (high - low) + low
+    with torch.no_grad():
+        codes, latents = model.tokenize(x)
+    assert out.codes.shape == (5, 16, 16) and out.latents.shape == (5, 4, 16, 16)
+    np.testing.assert_array_equal(out.codes, codes.numpy())
+    np.testing.assert_allclose(out.latents, latents.numpy(), rtol=1e-5, atol=1e-6)
+    assert out.finite.all() and not out.amp_fallback
+
+
+def test_fp16_overflow_falls_back_to_fp32(model):
+    # Weights ~1e5 overflow fp16 (max 65504) when autocast casts them, but are fine in fp32.
+    with torch.no_grad():
+        model.quant_conv.weight.mul_(1e6)
+    encoder = TokenEncoder(model, torch.device("cpu"), "fp16", False, batch_size=4, value_range=(-1, 1))
+    out = encoder(_pixels(3))
+    assert out.amp_fallback and encoder.amp_fallback_batches == 1
+    assert out.finite.all() and np.isfinite(out.latents).all()
+
+
+def test_non_finite_even_in_fp32_is_flagged_per_sample(model):
+    with torch.no_grad():
+        model.quant_conv.bias.fill_(float("inf"))
+    encoder = TokenEncoder(model, torch.device("cpu"), "fp32", False, batch_size=4, value_range=(-1, 1))
+    out = encoder(_pixels(2))
+    assert not out.finite.any()
+
+
+def test_rejects_wrong_pixel_arrays(model):
+    encoder = TokenEncoder(model, torch.device("cpu"), "fp32", False, batch_size=4, value_range=(-1, 1))
+    with pytest.raises(ValueError, match="uint8"):
+        encoder(np.zeros((2, 32, 32, 3), dtype=np.float32))
+
+
+def test_compiled_partial_batches_are_padded_not_recompiled(model):
+    encoder = TokenEncoder(model, torch.device("cpu"), "fp32", True, batch_size=4, value_range=(-1, 1))
+    reference = TokenEncoder(model, torch.device("cpu"), "fp32", False, batch_size=4, value_range=(-1, 1))
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    graphs = []
+    for n in (4, 3, 1):
+        pixels = _pixels(n, seed=n)
+        out = encoder(pixels)
+        np.testing.assert_array_equal(out.codes, reference(pixels).codes)
+        graphs.append(counters["stats"]["unique_graphs"])
+    # the padded partial batches reuse the full batch's graphs
+    assert graphs[0] >= 1 and graphs == [graphs[0]] * 3
