@@ -1,0 +1,64 @@
+"""NumPy <-> Arrow nested fixed-size lists without copying the values.
+
+A batch of (h, w) code grids is stored as ``fixed_size_list<fixed_size_list<uint16>[w]>[h]``:
+one flat buffer plus list sizes, which pyarrow, polars (``Array`` dtype), duckdb and HF
+datasets all read back with the shape intact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+
+def to_fixed_list_array(values: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
+    """(N, *shape) array -> N nested fixed-size lists of ``value_type``.
+
+    Zero-copy when ``values`` is C-contiguous with the matching dtype. Otherwise it is cast,
+    and a cast that would change a value (integer out of range, float16 overflow to inf)
+    raises ValueError naming the value instead of wrapping silently.
+    """
+    if values.ndim < 2:
+        raise ValueError(f"expected (N, *shape) with at least one inner dim, got {values.shape}")
+    target = np.dtype(value_type.to_pandas_dtype())
+    flat = _cast(np.ascontiguousarray(values).reshape(-1), target)
+    array: pa.Array = pa.array(flat, type=value_type)
+    for size in reversed(values.shape[1:]):
+        array = pa.FixedSizeListArray.from_arrays(array, type=pa.list_(array.type, size))
+    return array
+
+
+def _cast(flat: np.ndarray, target: np.dtype) -> np.ndarray:
+    if flat.dtype == target:
+        return flat
+    if np.issubdtype(target, np.integer):
+        if not np.issubdtype(flat.dtype, np.integer):
+            raise ValueError(f"refusing to cast {flat.dtype} to {target}")
+        info = np.iinfo(target)
+        bad = flat[(flat < info.min) | (flat > info.max)]
+        if bad.size:
+            raise ValueError(f"value {bad[0]} does not fit {target}")
+        return flat.astype(target)
+    cast = flat.astype(target)
+    overflow = np.isfinite(flat) & ~np.isfinite(cast)
+    if overflow.any():
+        raise ValueError(f"value {flat[overflow][0]} overflows {target}")
+    return cast
+
+
+def fixed_list_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Nested fixed-size lists -> (N, *shape) array, zero-copy for a single chunk.
+
+    Chunked input (one chunk per row group) is combined first, which copies once. Slices
+    are honoured: ``flatten()`` applies the array's offset, unlike ``.values``.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    if column.null_count:
+        raise ValueError(f"{column.null_count} null rows cannot become an array")
+    shape = [len(column)]
+    array = column
+    while pa.types.is_fixed_size_list(array.type):
+        shape.append(array.type.list_size)
+        array = array.flatten()
+    return array.to_numpy(zero_copy_only=True).reshape(shape)

@@ -1,0 +1,288 @@
+"""The only module that knows Ray: GPU-pinned actors pull shard URLs from the driver's queue.
+
+Each :class:`ShardWorker` loads the model once and calls :func:`vqpipe.shard_job.process_shard`
+for shard after shard. The driver owns retries (actors run with ``max_task_retries=0``): an actor
+death requeues its shard, a shard that fails ``ray.max_retries`` times is recorded under
+``_vqpipe/failed/``, stragglers are re-run elsewhere, and commit markers decide which attempt's
+output stands, so no sample is written twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from vqpipe.config import RunConfig
+from vqpipe.encode import TokenEncoder, load_model, pick_device
+from vqpipe.plan import FAILED_DIR, Plan, write_json
+from vqpipe.progress import Progress
+from vqpipe.shard_job import ShardResult, make_job, process_shard
+
+log = logging.getLogger(__name__)
+
+
+class ShardWorker:
+    """A Ray actor holding one model on one device (state once, shards many)."""
+
+    def __init__(self, config: RunConfig):
+        model = load_model(config.model)
+        device = pick_device()
+        self.encoder = TokenEncoder(model, device, config.model.precision, config.model.compile,
+                                    config.model.batch_size, config.preprocess.value_range)
+        precision = str(self.encoder.autocast_dtype or "fp32").replace("torch.", "")
+        self.job = make_job(config.input, config.preprocess, config.output, model, precision)
+        workers = config.preprocess.decode_workers
+        self.pool = ThreadPoolExecutor(config.ray.cpus_per_worker if workers == "auto" else workers,
+                                       thread_name_prefix="vqpipe-decode")
+        self.current: tuple[str, int, float] | None = None
+
+    def ready(self) -> dict:
+        return {"node": socket.gethostname(), "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "device": str(self.encoder.device)}
+
+    def process(self, url: str, stem: str) -> ShardResult:
+        self.current = (stem, 0, time.time())
+        try:
+            return process_shard(url, stem, self.job, self.encoder, self.pool, on_progress=self._progress)
+        finally:
+            self.current = None
+
+    def heartbeat(self) -> tuple[str, int, float] | None:
+        """``(stem, rows so far, time of last progress)`` of the shard in hand."""
+        return self.current
+
+    def _progress(self, rows: int) -> None:
+        self.current = (self.current[0], rows, time.time()) if self.current else None
+
+
+@dataclass
+class Attempt:
+    url: str
+    stem: str
+    worker: int
+    started: float
+    speculative: bool = False
+
+
+@dataclass
+class Outcome:
+    committed: dict[str, ShardResult] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # stem -> last error
+    attempts: collections.Counter = field(default_factory=collections.Counter)
+    aborted: str | None = None  # misconfiguration guard message
+
+
+def init_ray(config: RunConfig) -> None:
+    if ray.is_initialized():
+        return
+    if config.ray.address is None:
+        # address="local" always starts a private cluster: a plain init() may attach to another
+        # cluster on this machine or trip over a stale /tmp/ray/ray_current_cluster.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(address=config.ray.address, log_to_driver=False)
+
+
+def worker_shape(config: RunConfig) -> tuple[int, float, int]:
+    """``(num_workers, gpus_per_worker, cpus_per_worker)`` clamped to what the cluster has, so no
+    actor waits forever for a GPU that does not exist."""
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
+    gpw = config.ray.gpus_per_worker
+    gpw = (1.0 if gpus >= 1 else 0.0) if gpw == "auto" else float(gpw)
+    if gpw > gpus:
+        raise RuntimeError(f"ray.gpus_per_worker={gpw} but the cluster has {gpus:g} GPUs")
+    cpw = min(config.ray.cpus_per_worker, max(1, int(cpus)))
+    n = config.ray.num_workers
+    if n == "auto":
+        n = int(gpus // gpw) if gpw else 1
+    limit = int(gpus // gpw) if gpw else max(1, int(cpus // cpw))
+    if n > limit:
+        log.warning("ray.num_workers=%d but the cluster fits %d workers (%g GPUs, %g CPUs): using %d",
+                    n, limit, gpus, cpus, limit)
+        n = limit
+    return max(1, n), gpw, cpw
+
+
+class Driver:
+    """Hands shards to workers from a queue and owns retries, stragglers and the guard."""
+
+    def __init__(self, config: RunConfig, plan: Plan, progress: Progress):
+        self.config, self.plan, self.progress = config, plan, progress
+        self.queue = collections.deque(plan.pending)
+        self.outcome = Outcome()
+        self.in_flight: dict[ray.ObjectRef, Attempt] = {}
+        self.restarting: dict[ray.ObjectRef, int] = {}  # ping ref -> worker index
+        self.idle: list[int] = []
+        self.guard_seen: list[ShardResult] = []
+
+    def run(self) -> Outcome:
+        n, gpw, cpw = worker_shape(self.config)
+        cls = ray.remote(ShardWorker).options(num_gpus=gpw, num_cpus=cpw, max_restarts=-1, max_task_retries=0,
+                                              max_concurrency=2)
+        self.workers = [cls.remote(self.config) for _ in range(min(n, max(1, len(self.queue))))]
+        for i, worker in enumerate(self.workers):
+            self.restarting[worker.ready.remote()] = i
+        log.info("%d workers (%g GPU, %d CPU each), %d shards to do", len(self.workers), gpw, cpw, len(self.queue))
+        while (self.queue or self.in_flight) and not self.outcome.aborted:
+            self._assign()
+            self._collect(timeout=1.0)
+            self._check_stragglers()
+        for worker in self.workers:
+            ray.kill(worker)
+        return self.outcome
+
+    def _assign(self) -> None:
+        while self.idle and self.queue:
+            url = self.queue.popleft()
+            if self.plan.stems[url] in self.outcome.committed:
+                continue
+            self._submit(self.idle.pop(), url, speculative=False)
+        if self.idle and not self.queue and self.config.ray.speculative:
+            self._speculate()
+
+    def _submit(self, worker: int, url: str, speculative: bool) -> None:
+        stem = self.plan.stems[url]
+        ref = self.workers[worker].process.remote(url, stem)
+        self.in_flight[ref] = Attempt(url, stem, worker, time.time(), speculative)
+
+    def _speculate(self) -> None:
+        """Near the end, re-run the oldest shard no one else is already duplicating."""
+        running = collections.Counter(a.stem for a in self.in_flight.values())
+        for attempt in sorted(self.in_flight.values(), key=lambda a: a.started):
+            if not self.idle:
+                return
+            if running[attempt.stem] == 1 and time.time() - attempt.started > 5.0:
+                log.info("speculatively re-running %s on an idle worker", attempt.stem)
+                self._submit(self.idle.pop(), attempt.url, speculative=True)
+                running[attempt.stem] += 1
+
+    def _collect(self, timeout: float) -> None:
+        refs = list(self.in_flight) + list(self.restarting)
+        if not refs:
+            time.sleep(min(timeout, 0.05))
+            return
+        done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        for ref in done:
+            if ref in self.restarting:
+                self._worker_back(ref)
+            else:
+                self._finish(ref, self.in_flight.pop(ref))
+        self.progress.update(self.outcome)
+
+    def _worker_back(self, ref: ray.ObjectRef) -> None:
+        index = self.restarting.pop(ref)
+        try:
+            info = ray.get(ref)
+            log.info("worker %d ready on %s (device %s, GPU ids %s)", index, info["node"], info["device"],
+                     info["gpu_ids"])
+            self.idle.append(index)
+        except RayActorError:
+            # Still restarting (Ray answers ActorUnavailableError meanwhile): ask again shortly.
+            time.sleep(1.0)
+            self.restarting[self.workers[index].ready.remote()] = index
+
+    def _finish(self, ref: ray.ObjectRef, attempt: Attempt) -> None:
+        try:
+            result: ShardResult = ray.get(ref)
+        except RayActorError as err:
+            self._failed_attempt(attempt, f"worker died: {_first_line(err)}")
+            self.restarting[self.workers[attempt.worker].ready.remote()] = attempt.worker
+            return
+        except RayTaskError as err:
+            self.idle.append(attempt.worker)
+            self._failed_attempt(attempt, _first_line(err.cause if err.cause else err))
+            return
+        self.idle.append(attempt.worker)
+        # An attempt that lost the commit race (result.committed False) found the shard committed by
+        # another attempt, whose result may never arrive (it may have died after committing): either
+        # way the shard is done, and the loser's output was discarded by the sink.
+        if attempt.stem not in self.outcome.committed:
+            self.outcome.committed[attempt.stem] = result
+            self.outcome.failed.pop(attempt.stem, None)
+            self._guard(result)
+
+    def _failed_attempt(self, attempt: Attempt, error: str) -> None:
+        stem = attempt.stem
+        if stem in self.outcome.committed or any(a.stem == stem for a in self.in_flight.values()):
+            return  # another attempt of this shard committed or is still running
+        self.outcome.attempts[stem] += 1
+        log.warning("shard %s attempt %d failed: %s", stem, self.outcome.attempts[stem], error)
+        if self.outcome.attempts[stem] < self.config.ray.max_retries:
+            self.queue.append(attempt.url)
+            return
+        self.outcome.failed[stem] = error
+        write_json(self.config, f"{FAILED_DIR}/{stem}.json", {
+            "source": attempt.url, "stem": stem, "attempts": self.outcome.attempts[stem], "error": error,
+            "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+
+    def _check_stragglers(self) -> None:
+        if not self.idle:
+            return
+        now = time.time()
+        running = collections.Counter(a.stem for a in self.in_flight.values())
+        for ref, attempt in list(self.in_flight.items()):
+            if running[attempt.stem] > 1 or not self.idle:
+                continue
+            try:
+                beat = ray.get(self.workers[attempt.worker].heartbeat.remote(), timeout=5)
+            except (GetTimeoutError, RayActorError):
+                beat = None
+            last = beat[2] if beat and beat[0] == attempt.stem else attempt.started
+            if now - last > self.config.ray.shard_timeout_s:
+                log.warning("shard %s shows no progress for %.0f s: handing it to another worker", attempt.stem,
+                            now - last)
+                self._submit(self.idle.pop(), attempt.url, speculative=True)
+                running[attempt.stem] += 1
+
+    def _guard(self, result: ShardResult) -> None:
+        cfg = self.config.ray
+        if cfg.guard_fail_fraction <= 0 or len(self.guard_seen) >= cfg.guard_shards:
+            return
+        self.guard_seen.append(result)
+        if len(self.guard_seen) < min(cfg.guard_shards, self.plan.total):
+            return
+        reasons = collections.Counter()
+        for r in self.guard_seen:
+            reasons.update(r.failures_by_reason)
+        total = sum(r.rows for r in self.guard_seen) + sum(reasons.values())
+        if not reasons or not total:
+            return
+        reason, count = reasons.most_common(1)[0]
+        if count / total >= cfg.guard_fail_fraction:
+            self.outcome.aborted = guard_message(reason, count, total, len(self.guard_seen), self.config)
+
+
+def guard_message(reason: str, count: int, total: int, shards: int, config: RunConfig) -> str:
+    hints = {
+        "no_image": f"input.image_keys is {list(config.input.image_keys)}: check the member extensions in "
+                    "your shards (e.g. `tar tf shard.tar | head`)",
+        "too_small": f"preprocess.min_size={config.preprocess.min_size} may be too high for this corpus",
+        "decode_error": "the image members may not be images, or the shards may be damaged",
+        "non_finite": "the model produces NaN/Inf on these inputs: check preprocess.value_range and precision",
+    }
+    return (f"stopping early: {count} of {total} samples in the first {shards} shards failed with "
+            f"'{reason}'. Likely fix: {hints.get(reason, 'check the config against the corpus')}. "
+            f"Raise ray.guard_fail_fraction or set it to 0 to run anyway.")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[-1] if text else ''}"[:500]
+
+
+def run_on_ray(config: RunConfig, plan: Plan, progress: Progress) -> Outcome:
+    init_ray(config)
+    if not plan.pending:
+        return Outcome()
+    return Driver(config, plan, progress).run()
+

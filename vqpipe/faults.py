@@ -1,0 +1,42 @@
+"""Fault injection for the crash tests (kill a worker mid-shard), off unless ``VQPIPE_FAULTS`` is set.
+
+``VQPIPE_FAULTS`` holds JSON: ``[{"stem": "shard-0001", "after_batches": 1, "action": "exit",
+"once": "/tmp/flag"}]``. ``action`` is ``exit`` (``os._exit``: the process dies as if killed) or
+``raise``. With ``once``, the fault fires only for the attempt that creates that file, so the
+retry succeeds.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+ENV = "VQPIPE_FAULTS"
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+@functools.lru_cache(maxsize=1)
+def _faults(raw: str) -> tuple[dict, ...]:
+    return tuple(json.loads(raw)) if raw else ()
+
+
+def after_batch(stem: str, batches_done: int) -> None:
+    for fault in _faults(os.environ.get(ENV, "")):
+        if fault.get("stem") == stem and fault.get("after_batches") == batches_done and _claim(fault.get("once")):
+            if fault.get("action", "exit") == "exit":
+                os._exit(137)
+            raise InjectedFault(f"injected fault in {stem} after batch {batches_done}")
+
+
+def _claim(flag: str | None) -> bool:
+    if flag is None:
+        return True
+    try:
+        os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False

@@ -1,0 +1,81 @@
+"""What a person sees while a run goes: a live line on a TTY, quiet parseable log lines otherwise,
+and the final summary table."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vqpipe.driver import Outcome
+
+log = logging.getLogger("vqpipe.progress")
+
+
+class Progress:
+    def __init__(self, total: int, already: int, stream=None, interval_s: float = 10.0):
+        self.total, self.already = total, already
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.interval_s = interval_s if not self.tty else 0.5
+        self.started = time.time()
+        self._last = 0.0
+
+    def update(self, outcome: "Outcome", force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last < self.interval_s:
+            return
+        self._last = now
+        done = len(outcome.committed)
+        rows = sum(r.rows for r in outcome.committed.values())
+        failed_samples = sum(len(r.failures) for r in outcome.committed.values())
+        elapsed = max(now - self.started, 1e-9)
+        rate = rows / elapsed
+        todo = self.total - self.already
+        eta = (todo - done - len(outcome.failed)) * elapsed / done if done else float("nan")
+        text = (f"shards {self.already + done}/{self.total} ({len(outcome.failed)} failed) | {rows} images "
+                f"{rate:.1f} img/s | {failed_samples} bad samples | ETA {_duration(eta)}")
+        if self.tty:
+            self.stream.write("\r" + text.ljust(100))
+            self.stream.flush()
+        else:
+            log.info(text)
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def summary_table(outcome: "Outcome", skipped: int, wall_s: float, output: str) -> str:
+    rows = sum(r.rows for r in outcome.committed.values())
+    reasons = collections.Counter()
+    for r in outcome.committed.values():
+        reasons.update(r.failures_by_reason)
+    lines = [
+        ("shards committed", str(len(outcome.committed))),
+        ("shards failed", str(len(outcome.failed))),
+        ("shards skipped (already committed)", str(skipped)),
+        ("samples written", str(rows)),
+        ("samples failed", str(sum(reasons.values()))),
+        *((f"  {reason}", str(n)) for reason, n in reasons.most_common()),
+        ("wall time", _duration(wall_s)),
+        ("images/s", f"{rows / wall_s:.1f}" if wall_s > 0 else "-"),
+        ("output", output),
+    ]
+    width = max(len(k) for k, _ in lines)
+    out = [f"{k.ljust(width)}  {v}" for k, v in lines]
+    for stem, error in sorted(outcome.failed.items()):
+        out.append(f"FAILED {stem}: {error}")
+    return "\n".join(out)
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "-"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

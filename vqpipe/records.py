@@ -1,0 +1,74 @@
+"""Records that flow between the data-plane stages.
+
+``shards`` yields :class:`Sample`, ``images`` turns one into :class:`Preprocessed` or a
+:class:`Failure`; a problem with a whole shard is raised as :class:`ShardError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+FailureReason = Literal[
+    "decode_error",  # the image bytes could not be decoded
+    "no_image",  # the sample has none of the configured image fields
+    "too_small",  # shorter side below the configured minimum
+    "too_large",  # over Pillow's decompression-bomb pixel limit, or a huge tar member
+    "unsupported_mode",  # a pixel mode with no RGB conversion
+    "empty",  # the image field is zero bytes
+    "duplicate_key",  # the key already appeared earlier in the same shard
+    "bad_member_name",  # absolute path, `..` component, or no extension
+    "non_finite",  # the encoder produced NaN/inf for this sample
+]
+
+ShardErrorReason = Literal["missing_shard", "truncated_tar", "corrupt_tar", "read_error"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One WebDataset sample: ``fields`` maps a member extension (``jpg``, ``txt``,
+    ``v2.jpg``...) to its bytes; ``source`` is the shard URL it came from."""
+
+    key: str
+    fields: dict[str, bytes]
+    source: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A sample that was dropped, with a machine-readable ``reason`` and a human
+    ``message``."""
+
+    key: str
+    reason: FailureReason
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    """A sample ready for the encoder.
+
+    pixels: (R, R, 3) uint8, RGB, resized and center-cropped.
+    width, height: the original image size after EXIF orientation.
+    """
+
+    key: str
+    pixels: np.ndarray
+    width: int
+    height: int
+    caption: str | None
+    metadata: str | None
+
+
+class ShardError(Exception):
+    """The shard as a whole could not be read; its partial output must be discarded."""
+
+    def __init__(self, reason: ShardErrorReason, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message

@@ -1,0 +1,184 @@
+"""One input shard -> one committed Parquet file: the unit of work, naming, commit and retry.
+
+``process_shard`` chains the stages (``read -> preprocess -> batch -> encode -> write``) for one
+shard URL with no Ray in it, so it can be tested and profiled alone; the driver only decides
+which worker calls it for which shard.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import socket
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from vqpipe import __version__, faults
+from vqpipe.config import InputConfig, OutputConfig, PreprocessConfig
+from vqpipe.encode import TokenEncoder
+from vqpipe.images import preprocess
+from vqpipe.prefetch import PrefetchStats, ordered_parallel_map
+from vqpipe.records import Failure, Preprocessed, Sample
+from vqpipe.shards import iter_samples
+from vqpipe.sink import ShardWriter, TokenLayout
+
+FORMAT_VERSION = 1
+LATENTS_HOLD = ("pre-quantization h = quant_conv(encoder(x)), multiplied by scaling_factor; "
+                "quantize.codes(latents / scaling_factor) gives the codes")
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What every shard of a run shares: the stages' configs and the output's layout."""
+
+    input: InputConfig
+    preprocess: PreprocessConfig
+    output: OutputConfig
+    layout: TokenLayout
+    metadata: dict  # written as the Parquet key-value metadata `vqpipe`
+
+
+@dataclass
+class StageTimes:
+    read_s: float = 0.0
+    decode_s: float = 0.0  # summed over decode threads (CPU-seconds)
+    encode_s: float = 0.0
+    write_s: float = 0.0
+    wait_s: float = 0.0  # time the model sat waiting for a preprocessed batch
+    total_s: float = 0.0
+
+
+@dataclass
+class ShardResult:
+    url: str
+    stem: str
+    committed: bool  # False: another attempt committed this shard first (its output stands)
+    rows: int
+    failures: list[dict]
+    times: StageTimes
+    amp_fallback_batches: int = 0
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+def make_job(input: InputConfig, preprocess_cfg: PreprocessConfig, output: OutputConfig, model, precision: str
+             ) -> ShardJob:
+    """Derive the output layout and lineage metadata from the loaded model."""
+    cfg = model.config
+    r = preprocess_cfg.resolution
+    h = w = r // cfg.downsample_factor
+    layout = TokenLayout(
+        codes_shape=(h, w), latent_shape=(cfg.embed_dim, h, w), codebook_size=cfg.num_vq_embeddings,
+        write_codes=output.codes, write_latents=output.latents, latent_dtype=output.latent_dtype,
+        compression=output.compression,
+    )
+    metadata = {
+        "format_version": FORMAT_VERSION, "vqpipe_version": __version__,
+        "model_config": cfg.to_dict(), "weights_sha256": model.weights_sha256,
+        "scaling_factor": cfg.scaling_factor, "num_vq_embeddings": cfg.num_vq_embeddings,
+        "codes_shape": [h, w], "latent_shape": [cfg.embed_dim, h, w], "latent_dtype": output.latent_dtype,
+        "resolution": r, "value_range": list(preprocess_cfg.value_range), "precision": precision,
+        "image_keys": list(input.image_keys), "latents": LATENTS_HOLD,
+    }
+    return ShardJob(input, preprocess_cfg, output, layout, metadata)
+
+
+def process_shard(url: str, stem: str, job: ShardJob, encoder: TokenEncoder, pool: Executor,
+                  on_progress: Callable[[int], None] = lambda rows: None) -> ShardResult:
+    """Encode every good sample of ``url`` into ``{output}/{stem}.parquet`` and commit it.
+
+    Bad samples become failure records with reasons; a shard-level problem (missing or truncated
+    tar, storage error) raises after the partial output has been discarded, never published.
+    """
+    started = time.perf_counter()
+    failures: list[Failure] = []
+    times, stats = StageTimes(), PrefetchStats()
+    writer = ShardWriter(job.output.path, stem, job.layout, job.metadata, job.output.storage_options)
+    rows = amp_fallbacks = 0
+    try:
+        samples = iter_samples(url, job.input.storage_options, on_failure=failures.append)
+        work = functools.partial(_timed_preprocess, job.preprocess, job.input.image_keys)
+        results = ordered_parallel_map(work, samples, pool, max_pending=2 * encoder.batch_size + 8, stats=stats)
+        for n, batch in enumerate(_batches(_keep_good(results, failures, times), encoder.batch_size)):
+            written, amp_fallback = _encode_and_write(batch, url, encoder, writer, failures, times)
+            rows, amp_fallbacks = rows + written, amp_fallbacks + amp_fallback
+            on_progress(rows)
+            faults.after_batch(stem, n + 1)
+        times.read_s, times.wait_s = stats.source_s, stats.wait_s
+        marker = _marker(url, stem, rows, failures, times, amp_fallbacks, str(encoder.device), started)
+        write_started = time.perf_counter()
+        committed = writer.commit(marker).committed
+        times.write_s += time.perf_counter() - write_started
+    except BaseException:
+        writer.abort()
+        raise
+    times.total_s = time.perf_counter() - started
+    return ShardResult(url, stem, committed, rows, [f.to_dict() for f in failures], times, amp_fallbacks,
+                       failures_by_reason=_count_reasons(failures))
+
+
+def _timed_preprocess(cfg: PreprocessConfig, image_keys, sample: Sample) -> tuple[Preprocessed | Failure, float]:
+    started = time.perf_counter()
+    result = preprocess(sample, image_keys, cfg.resolution, cfg.min_size)
+    return result, time.perf_counter() - started
+
+
+def _keep_good(results: Iterable[tuple[Preprocessed | Failure, float]], failures: list[Failure],
+               times: StageTimes) -> Iterator[Preprocessed]:
+    for result, seconds in results:
+        times.decode_s += seconds
+        if isinstance(result, Failure):
+            failures.append(result)
+        else:
+            yield result
+
+
+def _batches(items: Iterable[Preprocessed], size: int) -> Iterator[list[Preprocessed]]:
+    batch: list[Preprocessed] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _encode_and_write(batch: list[Preprocessed], url: str, encoder: TokenEncoder, writer: ShardWriter,
+                      failures: list[Failure], times: StageTimes) -> tuple[int, bool]:
+    started = time.perf_counter()
+    encoded = encoder(np.stack([p.pixels for p in batch]))
+    times.encode_s += time.perf_counter() - started
+    keep = np.flatnonzero(encoded.finite)
+    for i in np.flatnonzero(~encoded.finite):
+        failures.append(Failure(batch[i].key, "non_finite", "latents are NaN/Inf even in fp32"))
+    kept = [batch[i] for i in keep]
+    started = time.perf_counter()
+    writer.write(
+        keys=[p.key for p in kept], sources=[url] * len(kept),
+        codes=encoded.codes[keep] if writer.layout.write_codes else None,
+        latents=encoded.latents[keep] if writer.layout.write_latents else None,
+        captions=[p.caption for p in kept], metadatas=[p.metadata for p in kept],
+        widths=[p.width for p in kept], heights=[p.height for p in kept],
+    )
+    times.write_s += time.perf_counter() - started
+    return len(kept), encoded.amp_fallback
+
+
+def _marker(url: str, stem: str, rows: int, failures: list[Failure], times: StageTimes, amp_fallbacks: int,
+            device: str, started: float) -> dict:
+    times.total_s = time.perf_counter() - started
+    return {
+        "source": url, "stem": stem, "rows": rows, "failed": len(failures),
+        "failures": [f.to_dict() for f in failures], "failures_by_reason": _count_reasons(failures),
+        "times": dataclasses.asdict(times), "amp_fallback_batches": amp_fallbacks,
+        "host": socket.gethostname(), "device": device,
+    }
+
+
+def _count_reasons(failures: list[Failure]) -> dict[str, int]:
+    return dict(collections.Counter(f.reason for f in failures))

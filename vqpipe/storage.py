@@ -1,0 +1,206 @@
+"""fsspec helpers for writing output that is either complete under its final name or absent.
+
+Three ways to publish a file atomically, by filesystem:
+
+- local: a dot-prefixed temp file in the same folder, fsync, ``os.replace``, fsync the folder;
+- S3 (s3fs): ``open(..., autocommit=False)`` then ``commit()`` / ``discard()``. A plain
+  ``with fs.open(path, "wb")`` completes the upload even when the body raises;
+- anything else (``memory://``, ...): the bytes are buffered in memory and written with one
+  ``pipe_file`` on success. memory:// ignores ``autocommit=False`` (the empty file appears at
+  open), and other backends' transactions are unverified, so they get this path too.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import IO, Any, Protocol
+
+import fsspec
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+# Backends verified to publish nothing before ``commit()``. Add one only after a test.
+_TRANSACTIONAL = {"s3", "s3a"}
+
+
+def filesystem(url: str, storage_options: dict[str, Any]) -> tuple[AbstractFileSystem, str]:
+    """The filesystem for ``url`` and the path within it (protocol stripped)."""
+    return fsspec.core.url_to_fs(url, **storage_options)
+
+
+def protocols(fs: AbstractFileSystem) -> set[str]:
+    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+
+
+def is_local(fs: AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+class AtomicFile(Protocol):
+    """A file being written that appears under its final name only at ``commit()``."""
+
+    file: IO[bytes]
+
+    def commit(self) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+def open_atomic(fs: AbstractFileSystem, path: str) -> AtomicFile:
+    """Open ``path`` for writing; nothing is visible there until ``commit()``."""
+    if is_local(fs):
+        return _LocalAtomic(path)
+    if protocols(fs) & _TRANSACTIONAL:
+        return _DeferredAtomic(fs, path)
+    return _BufferedAtomic(fs, path)
+
+
+def write_atomic(fs: AbstractFileSystem, path: str, write_fn: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` with ``write_fn(fileobj)``; if it raises, ``path`` is left untouched."""
+    atomic = open_atomic(fs, path)
+    try:
+        write_fn(atomic.file)
+    except BaseException:
+        atomic.discard()
+        raise
+    atomic.commit()
+
+
+class _LocalAtomic:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)
+        # Dot prefix: pyarrow, duckdb globs and HF datasets all skip hidden files.
+        self.tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+        self.file: IO[bytes] = open(self.tmp, "xb")
+
+    def commit(self) -> None:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        _fsync_dir(os.path.dirname(self.path))
+
+    def discard(self) -> None:
+        self.file.close()
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass  # already renamed or removed: nothing left to clean
+
+
+class _DeferredAtomic:
+    def __init__(self, fs: AbstractFileSystem, path: str) -> None:
+        self.file: Any = fs.open(path, "wb", autocommit=False)
+
+    def commit(self) -> None:
+        try:
+            self.file.close()  # uploads the last part; the object is still invisible
+            self.file.commit()
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        self.file.discard()  # aborts the multipart upload, if one was started
+        # close() or the finalizer would otherwise flush again and start a new multipart
+        # upload that nobody aborts.
+        self.file.closed = True
+
+
+class _BufferedAtomic:
+    def __init__(self, fs: AbstractFileSystem, path: str) -> None:
+        self.fs, self.path = fs, path
+        self.file: IO[bytes] = io.BytesIO()
+
+    def commit(self) -> None:
+        self.fs.pipe_file(self.path, self.file.getvalue())
+
+    def discard(self) -> None:
+        self.file = io.BytesIO()
+
+
+def write_create_only(fs: AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Write ``path`` only if it does not exist; False if it already did.
+
+    Atomic locally (``os.link`` fails on an existing name) and on S3 (a conditional PUT,
+    ``If-None-Match: *``, which s3fs turns into FileExistsError; S3-compatible stores that
+    ignore the header silently overwrite). Elsewhere fsspec checks ``exists`` and then
+    writes: two writers racing inside that window can both return True.
+    """
+    if is_local(fs):
+        return _link_create_only(path, data)
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    return True
+
+
+def _link_create_only(path: str, data: bytes) -> bool:
+    tmp = _LocalAtomic(path)
+    try:
+        tmp.file.write(data)
+        tmp.file.flush()
+        os.fsync(tmp.file.fileno())
+        tmp.file.close()
+        os.link(tmp.tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.discard()
+    _fsync_dir(os.path.dirname(path))
+    return True
+
+
+def _fsync_dir(folder: str) -> None:
+    # Makes the rename itself durable; without it a crash can forget the new name.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def invalidate(fs: AbstractFileSystem, path: str) -> None:
+    """Drop cached listings of ``path`` so the next listing sees other writers' files."""
+    fs.invalidate_cache(path)
+
+
+def sweep_incomplete_uploads(
+    fs: AbstractFileSystem, prefix: str, older_than: timedelta = timedelta(hours=1)
+) -> int:
+    """Abort S3 multipart uploads under ``prefix`` started more than ``older_than`` ago.
+
+    They are left by workers killed between opening and committing a file, and are billed
+    until aborted. The age guard spares live writers; pass ``timedelta(0)`` only when no
+    job is running. Returns how many were aborted; a no-op (0) on other filesystems.
+    """
+    if not protocols(fs) & _TRANSACTIONAL:
+        return 0
+    bucket, key, _ = fs.split_path(prefix)
+    cutoff = datetime.now(timezone.utc) - older_than
+    stale = [u for u in _multipart_uploads(fs, bucket, key) if u["Initiated"] <= cutoff]
+    for upload in stale:
+        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+    return len(stale)
+
+
+def _multipart_uploads(fs: AbstractFileSystem, bucket: str, prefix: str) -> list[dict[str, Any]]:
+    uploads: list[dict[str, Any]] = []
+    markers: dict[str, str] = {}
+    while True:
+        page = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers)
+        uploads.extend(page.get("Uploads", []))
+        if not page.get("IsTruncated"):
+            return uploads
+        markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
