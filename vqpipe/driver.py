@@ -18,11 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+from vqpipe import faults
 from vqpipe.config import RunConfig
 from vqpipe.encode import TokenEncoder, load_model, pick_device
-from vqpipe.plan import FAILED_DIR, Plan, write_json
+from vqpipe.plan import FAILED_DIR, Plan, remove_json, write_json
 from vqpipe.progress import Progress
 from vqpipe.shard_job import ShardResult, make_job, process_shard
 
@@ -126,8 +127,11 @@ class Driver:
 
     def run(self) -> Outcome:
         n, gpw, cpw = worker_shape(self.config)
+        # Fault-injection settings (crash tests) travel to the actors like any env var would not:
+        # actor processes inherit the cluster's environment, not the driver's.
+        env = {faults.ENV: os.environ[faults.ENV]} if faults.ENV in os.environ else {}
         cls = ray.remote(ShardWorker).options(num_gpus=gpw, num_cpus=cpw, max_restarts=-1, max_task_retries=0,
-                                              max_concurrency=2)
+                                              max_concurrency=2, runtime_env={"env_vars": env} if env else None)
         self.workers = [cls.remote(self.config) for _ in range(min(n, max(1, len(self.queue))))]
         for i, worker in enumerate(self.workers):
             self.restarting[worker.ready.remote()] = i
@@ -201,6 +205,10 @@ class Driver:
             self.idle.append(attempt.worker)
             self._failed_attempt(attempt, _first_line(err.cause if err.cause else err))
             return
+        except RayError as err:  # e.g. a result that could not be deserialized or was lost
+            self.idle.append(attempt.worker)
+            self._failed_attempt(attempt, _first_line(err))
+            return
         self.idle.append(attempt.worker)
         # An attempt that lost the commit race (result.committed False) found the shard committed by
         # another attempt, whose result may never arrive (it may have died after committing): either
@@ -208,6 +216,7 @@ class Driver:
         if attempt.stem not in self.outcome.committed:
             self.outcome.committed[attempt.stem] = result
             self.outcome.failed.pop(attempt.stem, None)
+            remove_json(self.config, f"{FAILED_DIR}/{attempt.stem}.json")  # failed in an earlier run
             self._guard(result)
 
     def _failed_attempt(self, attempt: Attempt, error: str) -> None:

@@ -1,8 +1,8 @@
 """Fault injection for the crash tests (kill a worker mid-shard), off unless ``VQPIPE_FAULTS`` is set.
 
 ``VQPIPE_FAULTS`` holds JSON: ``[{"stem": "shard-0001", "after_batches": 1, "action": "exit",
-"once": "/tmp/flag"}]``. ``action`` is ``exit`` (``os._exit``: the process dies as if killed) or
-``raise``. With ``once``, the fault fires only for the attempt that creates that file, so the
+"once": "/tmp/flag"}]``. ``action`` is ``exit`` (``os._exit``: the process dies as if killed), ``raise``,
+or ``sleep`` (for ``seconds``: a straggler). With ``once``, the fault fires only for the attempt that creates that file, so the
 retry succeeds.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 
 ENV = "VQPIPE_FAULTS"
 
@@ -27,8 +28,12 @@ def _faults(raw: str) -> tuple[dict, ...]:
 def after_batch(stem: str, batches_done: int) -> None:
     for fault in _faults(os.environ.get(ENV, "")):
         if fault.get("stem") == stem and fault.get("after_batches") == batches_done and _claim(fault.get("once")):
-            if fault.get("action", "exit") == "exit":
+            action = fault.get("action", "exit")
+            if action == "exit":
                 os._exit(137)
+            if action == "sleep":
+                time.sleep(float(fault.get("seconds", 60)))
+                continue
             raise InjectedFault(f"injected fault in {stem} after batch {batches_done}")
 
 

@@ -33,7 +33,10 @@ class Plan:
 
 
 def make_plan(config: RunConfig, limit_shards: int | None = None) -> Plan:
-    urls = expand_urls(list(config.input.urls), config.input.storage_options)
+    try:
+        urls = expand_urls(list(config.input.urls), config.input.storage_options)
+    except ValueError as err:  # NoMatchError, unbalanced braces
+        raise ConfigError(f"input.urls: {err}") from None
     if not urls:
         raise ConfigError(f"input.urls matched no shards: {list(config.input.urls)}")
     stems = shard_stems(urls)
@@ -77,6 +80,14 @@ def write_json(config: RunConfig, relative: str, data: dict) -> None:
     path = posixpath.join(root, relative)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     fs.pipe_file(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+def remove_json(config: RunConfig, relative: str) -> None:
+    fs, root = fsspec.core.url_to_fs(config.output.path, **config.output.storage_options)
+    path = posixpath.join(root, relative)
+    fs.invalidate_cache(posixpath.dirname(path))
+    if fs.exists(path):
+        fs.rm(path)
 
 
 def remove_output(config: RunConfig) -> None:

@@ -72,3 +72,7 @@ class ShardError(Exception):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+
+    def __reduce__(self):
+        # Crosses process boundaries (Ray): rebuild from both fields, not from str(self).
+        return (ShardError, (self.reason, self.message))

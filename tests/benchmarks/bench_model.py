@@ -1,0 +1,106 @@
+"""Encode throughput: diffusers' VQModel (eager fp32) vs vqpipe's fast path, and codebook search
+vs ``argmin(cdist)``. Not a test (pytest does not collect ``bench_*.py``); run:
+
+    python tests/benchmarks/bench_model.py [--resolution 256] [--batch 16] [--repeats 5]
+
+Prints a Markdown table for the README. Timings are medians over ``--repeats`` runs after a
+warm-up, interleaving the variants so drift on a shared machine hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from importlib import resources
+
+import torch
+
+from vqpipe import VQModel
+from vqpipe.model.quantizer import nearest_codes
+
+LDM_F4 = dict(block_out_channels=(128, 256, 512), down_block_types=("DownEncoderBlock2D",) * 3,
+              up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=2, latent_channels=3,
+              num_vq_embeddings=8192)
+
+
+def models() -> dict[str, dict]:
+    demo = VQModel.from_pretrained(str(resources.files("vqpipe") / "assets" / "demo-vq")).config.to_dict()
+    return {"demo (f4, 32-64-64)": demo, "LDM-f4 (128-256-512, 2 layers)": LDM_F4}
+
+
+def variants(config: dict):
+    import diffusers
+
+    torch.manual_seed(0)
+    reference = diffusers.VQModel(**config).eval()
+    ours = VQModel(**config).eval()
+    ours.load_state_dict(reference.state_dict())
+    compiled = torch.compile(ours.tokenize, dynamic=False)
+
+    def diffusers_fp32(x):
+        h = reference.encode(x).latents
+        return reference.quantize(h)[2][2], h * reference.config.scaling_factor
+
+    return {
+        "diffusers eager fp32": diffusers_fp32,
+        "vqpipe eager fp32": lambda x: ours.tokenize(x),
+        "vqpipe eager bf16": lambda x: ours.tokenize(x, autocast_dtype=torch.bfloat16),
+        "vqpipe compiled fp32": lambda x: compiled(x),
+        "vqpipe compiled bf16": lambda x: compiled(x, autocast_dtype=torch.bfloat16),
+    }
+
+
+def time_variants(fns: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn(x)  # warm-up (and compilation)
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                started = time.perf_counter()
+                fn(x)
+                times[name].append(time.perf_counter() - started)
+    return {name: x.shape[0] / statistics.median(t) for name, t in times.items()}
+
+
+def bench_quantizer(repeats: int) -> list[tuple[int, float, float]]:
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for k in (16384, 65536):
+        codebook = torch.randn(k, 8, generator=gen)
+        z = torch.randn(16 * 32 * 32, 8, generator=gen)
+        fast, ref = [], []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            nearest_codes(z, codebook)
+            fast.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            torch.cdist(z, codebook).argmin(1)
+            ref.append(time.perf_counter() - started)
+        rows.append((k, statistics.median(fast) * 1e3, statistics.median(ref) * 1e3))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    x = torch.randn(args.batch, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(0))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.resolution}px, batch {args.batch}\n")
+    for name, config in models().items():
+        rates = time_variants(variants(config), x, args.repeats)
+        base = rates["diffusers eager fp32"]
+        print(f"| {name} | img/s | vs diffusers |\n|---|---|---|")
+        for variant, rate in rates.items():
+            print(f"| {variant} | {rate:.1f} | {rate / base:.2f}x |")
+        print()
+    print("| codebook | vqpipe search (ms) | argmin(cdist) (ms) | speed-up |\n|---|---|---|---|")
+    for k, fast, ref in bench_quantizer(args.repeats):
+        print(f"| {k} x 8, 16384 vectors | {fast:.1f} | {ref:.1f} | {ref / fast:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()

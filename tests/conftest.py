@@ -1,0 +1,41 @@
+"""Shared fixtures: one real local Ray cluster per test session, a small random VQModel
+checkpoint, and shard folders built from real photos."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/shardfactory.py, tests/s3server.py
+
+from vqpipe import VQModel  # noqa: E402
+
+TINY = dict(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, num_vq_embeddings=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> str:
+    """A small random VQModel (f2, 64 codes) in diffusers layout: fast, and enough to check the
+    pipeline's bookkeeping; quality checks use the shipped demo tokenizer."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-vq")
+    VQModel(**TINY).save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray with 2 fake GPUs: workers are pinned to distinct GPU ids, and run on the CPU
+    (torch sees no CUDA device). Started once: ray.init costs seconds here."""
+    import ray
+
+    os.environ.setdefault("RAY_ACCEPT_CALLABLE_NAMES", "1")
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    yield ray
+    ray.shutdown()
