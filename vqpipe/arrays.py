@@ -39,7 +39,8 @@ def _cast(flat: np.ndarray, target: np.dtype) -> np.ndarray:
         if bad.size:
             raise ValueError(f"value {bad[0]} does not fit {target}")
         return flat.astype(target)
-    cast = flat.astype(target)
+    with np.errstate(over="ignore"):  # checked on the next line, with the value named
+        cast = flat.astype(target)
     overflow = np.isfinite(flat) & ~np.isfinite(cast)
     if overflow.any():
         raise ValueError(f"value {flat[overflow][0]} overflows {target}")

@@ -41,8 +41,9 @@ _ROTATES_90 = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _WHITE = (255, 255, 255)
 
 
-class _Reject(Exception):
-    """Internal: a sample-level rejection raised deep in decoding, with its reason."""
+class Rejected(Exception):
+    """A sample-level rejection raised inside decoding; ``preprocess`` turns it into a
+    Failure with ``reason``."""
 
     def __init__(self, reason: FailureReason, message: str) -> None:
         super().__init__(message)
@@ -59,9 +60,9 @@ def preprocess(
     """Decode and resize the first present field of ``image_keys``.
 
     ``min_size`` applies to the shorter side of the original image. ``draft=False`` turns
-    off JPEG DCT scaling (for comparisons; it is 3-6x slower on large photos). Caption is
-    the ``txt`` field decoded as UTF-8 with replacement characters; metadata is the
-    ``json`` field's text if it parses as JSON, else None (bad metadata never fails a
+    off JPEG DCT scaling (for comparisons; full decodes are 2-4x slower on 1-3 MP photos).
+    Caption is the ``txt`` field decoded as UTF-8 with replacement characters; metadata is
+    the ``json`` field's text if it parses as JSON, else None (bad metadata never fails a
     sample -- the image is what we tokenize).
     """
     field = next((k for k in image_keys if k in sample.fields), None)
@@ -72,7 +73,7 @@ def preprocess(
         return Failure(sample.key, "empty", f"field {field!r} is empty")
     try:
         img, width, height, scale = _decode(data, resolution, min_size, draft)
-    except _Reject as e:
+    except Rejected as e:
         return Failure(sample.key, e.reason, str(e))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return Failure(sample.key, "too_large", str(e))
@@ -92,9 +93,9 @@ def _decode(data: bytes, resolution: int, min_size: int, draft: bool) -> tuple[I
     if width * height > (Image.MAX_IMAGE_PIXELS or float("inf")):
         # Backstop: the warnings filter above is process-global, so a decode in another
         # thread can restore the default filter while this one is opening.
-        raise _Reject("too_large", f"{width}x{height} exceeds {Image.MAX_IMAGE_PIXELS} pixels")
+        raise Rejected("too_large", f"{width}x{height} exceeds {Image.MAX_IMAGE_PIXELS} pixels")
     if min(width, height) < min_size:
-        raise _Reject("too_small", f"{width}x{height} is below min_size {min_size}")
+        raise Rejected("too_small", f"{width}x{height} is below min_size {min_size}")
     if img.getexif().get(0x0112) in _ROTATES_90:
         width, height = height, width
     scale = _draft(img, resolution) if draft else 1
@@ -116,20 +117,25 @@ def _draft(img: Image.Image, resolution: int) -> int:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode to RGB: transparency composited over white, 16/32-bit scaled."""
+    """Any Pillow mode to RGB: transparency composited over white, 16/32-bit scaled.
+
+    Raises Rejected("unsupported_mode") for a mode Pillow cannot convert."""
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         return Image.fromarray(_to_uint8(np.asarray(img), img.mode)).convert("RGB")
-    if "A" in img.mode or "a" in img.mode or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGB", rgba.size, _WHITE)
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
     try:
+        if "A" in img.mode or "a" in img.mode or "transparency" in img.info:
+            return _over_white(img.convert("RGBA"))
         return img.convert("RGB")
-    except ValueError as e:
-        raise _Reject("unsupported_mode", f"mode {img.mode}: {e}") from e
+    except ValueError as e:  # no decoder in ALLOWED_FORMATS yields such a mode today
+        raise Rejected("unsupported_mode", f"mode {img.mode}: {e}") from e
+
+
+def _over_white(rgba: Image.Image) -> Image.Image:
+    background = Image.new("RGB", rgba.size, _WHITE)
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
 
 
 def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:

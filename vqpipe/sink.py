@@ -163,8 +163,13 @@ class ShardWriter:
         self._data = posixpath.join(root, f"{stem}.parquet")
         self._marker = posixpath.join(root, MARKER_DIR, f"{stem}.json")
         self.schema = arrow_schema(layout, metadata)
-        self._sink = _Sink(storage.open_atomic(self.fs, self._data))
-        self._writer = pq.ParquetWriter(self._sink, self.schema, **_writer_options(layout))
+        target = storage.open_atomic(self.fs, self._data)
+        self._sink = _Sink(target)
+        try:
+            self._writer = pq.ParquetWriter(self._sink, self.schema, **_writer_options(layout))
+        except BaseException:  # e.g. an unknown compression codec: drop the temp file
+            target.discard()
+            raise
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
         self.rows = 0
@@ -189,7 +194,7 @@ class ShardWriter:
         heights: Sequence[int] | np.ndarray,
     ) -> None:
         """Append N rows. ``codes`` (N, h, w) ints and ``latents`` (N, C, h, w) floats are
-        required exactly when the layout writes them."""
+        required when the layout writes them (and ignored otherwise)."""
         columns = {"key": pa.array(keys, pa.string()), "source": pa.array(sources, pa.string())}
         if self.layout.write_codes:
             columns["codes"] = codes_array(_required(codes, "codes"), self.layout)
