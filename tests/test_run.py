@@ -220,3 +220,17 @@ def test_killed_driver_resumes_exactly_once(tmp_path, tiny_model_path):
     assert after == committed
     got = written_keys(out)
     assert sorted(got) == sorted(keys) and len(got) == len(set(got))
+
+
+def test_hung_straggler_is_rerun_elsewhere_and_run_ends(tmp_path, tiny_model_path, monkeypatch):
+    keys = make_shards(tmp_path / "in", 3, per_shard=4)
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_model_path, str(tmp_path / "in" / "shard-*.tar"), out,
+                          ray={"shard_timeout_s": 2})
+    monkeypatch.setenv(faults.ENV, json.dumps([{"stem": "shard-00000", "after_batches": 1, "action": "sleep",
+                                                 "seconds": 600, "once": str(tmp_path / "hung")}]))
+    started = time.time()
+    assert cli.main(["run", str(config)]) == 0
+    assert time.time() - started < 120  # nowhere near the 600 s hang
+    got = written_keys(out)
+    assert sorted(got) == sorted(keys) and len(got) == len(set(got))

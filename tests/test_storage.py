@@ -122,3 +122,21 @@ def test_s3_sweep_aborts_stale_uploads_under_prefix(s3_bucket):  # noqa: F811
     fs = s3fs_for(s3_bucket)
     assert storage.sweep_incomplete_uploads(fs, f"{name}/out/", older_than=timedelta(0)) == 1
     assert [u["Key"] for u in uploads(s3_bucket)] == ["other/y.parquet"]
+
+
+def test_sweep_stale_temp_files_spares_live_writers(tmp_path):
+    import os
+    import time
+    from datetime import timedelta
+
+    from vqpipe.storage import sweep_stale_temp_files
+
+    stale, live, data = tmp_path / ".a.parquet.1.tmp", tmp_path / ".b.parquet.2.tmp", tmp_path / "a.parquet"
+    for path in (stale, live, data):
+        path.write_bytes(b"x")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    os.utime(data, (two_hours_ago, two_hours_ago))
+    fs = fsspec.filesystem("file")
+    assert sweep_stale_temp_files(fs, str(tmp_path), older_than=timedelta(hours=1)) == 1
+    assert not stale.exists() and live.exists() and data.exists()

@@ -128,6 +128,7 @@ def _execute(config: RunConfig, plan, job, fingerprint: dict) -> int:
         "started_at": _iso(started), "status": "running",
     }
     planning.write_json(config, planning.MANIFEST, manifest)
+    planning.sweep_leftovers(config)
     progress = Progress(total=plan.total, already=len(plan.committed))
     outcome = run_on_ray(config, plan, progress)
     progress.update(outcome, force=True)

@@ -29,6 +29,9 @@ from vqpipe.shard_job import ShardResult, make_job, process_shard
 
 log = logging.getLogger(__name__)
 
+# Only shards running longer than this are duplicated onto idle workers at the end of the queue.
+SPECULATE_AFTER_S = 5.0
+
 
 class ShardWorker:
     """A Ray actor holding one model on one device (state once, shards many)."""
@@ -164,7 +167,7 @@ class Driver:
         for attempt in sorted(self.in_flight.values(), key=lambda a: a.started):
             if not self.idle:
                 return
-            if running[attempt.stem] == 1 and time.time() - attempt.started > 5.0:
+            if running[attempt.stem] == 1 and time.time() - attempt.started > SPECULATE_AFTER_S:
                 log.info("speculatively re-running %s on an idle worker", attempt.stem)
                 self._submit(self.idle.pop(), attempt.url, speculative=True)
                 running[attempt.stem] += 1
@@ -218,6 +221,16 @@ class Driver:
             self.outcome.failed.pop(attempt.stem, None)
             remove_json(self.config, f"{FAILED_DIR}/{attempt.stem}.json")  # failed in an earlier run
             self._guard(result)
+            self._abandon_duplicates(attempt.stem)
+
+    def _abandon_duplicates(self, stem: str) -> None:
+        """Restart workers still running a shard that just committed elsewhere: a hung straggler
+        would otherwise keep the run from ending. Their output is uncommitted, so it is never seen."""
+        for ref, other in list(self.in_flight.items()):
+            if other.stem == stem:
+                del self.in_flight[ref]
+                ray.kill(self.workers[other.worker], no_restart=False)
+                self.restarting[self.workers[other.worker].ready.remote()] = other.worker
 
     def _failed_attempt(self, attempt: Attempt, error: str) -> None:
         stem = attempt.stem
@@ -238,16 +251,17 @@ class Driver:
         if not self.idle:
             return
         now = time.time()
+        timeout = self.config.ray.shard_timeout_s
         running = collections.Counter(a.stem for a in self.in_flight.values())
         for ref, attempt in list(self.in_flight.items()):
-            if running[attempt.stem] > 1 or not self.idle:
+            if running[attempt.stem] > 1 or not self.idle or now - attempt.started < timeout:
                 continue
             try:
                 beat = ray.get(self.workers[attempt.worker].heartbeat.remote(), timeout=5)
             except (GetTimeoutError, RayActorError):
                 beat = None
             last = beat[2] if beat and beat[0] == attempt.stem else attempt.started
-            if now - last > self.config.ray.shard_timeout_s:
+            if now - last > timeout:
                 log.warning("shard %s shows no progress for %.0f s: handing it to another worker", attempt.stem,
                             now - last)
                 self._submit(self.idle.pop(), attempt.url, speculative=True)

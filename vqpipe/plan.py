@@ -4,14 +4,19 @@ manifest (``_vqpipe/run.json``) that stops a run from mixing models or preproces
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 from dataclasses import dataclass
 
 import fsspec
 
+from vqpipe import storage
+
 from vqpipe.config import ConfigError, RunConfig
 from vqpipe.sink import committed_stems
 from vqpipe.urls import expand_urls, shard_stems
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "_vqpipe/run.json"
 FAILED_DIR = "_vqpipe/failed"
@@ -80,6 +85,16 @@ def write_json(config: RunConfig, relative: str, data: dict) -> None:
     path = posixpath.join(root, relative)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     fs.pipe_file(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+def sweep_leftovers(config: RunConfig) -> None:
+    """Clean what killed workers of earlier runs left: S3 multipart uploads never completed and
+    local temp files (both older than an hour, so live writers of this run are spared)."""
+    fs, root = fsspec.core.url_to_fs(config.output.path, **config.output.storage_options)
+    aborted = storage.sweep_incomplete_uploads(fs, root)
+    removed = storage.sweep_stale_temp_files(fs, root)
+    if aborted or removed:
+        log.info("swept %d incomplete uploads and %d temp files under %s", aborted, removed, config.output.path)
 
 
 def remove_json(config: RunConfig, relative: str) -> None:

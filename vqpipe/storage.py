@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -193,6 +194,22 @@ def sweep_incomplete_uploads(
     for upload in stale:
         fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
     return len(stale)
+
+
+def sweep_stale_temp_files(fs: AbstractFileSystem, folder: str, older_than: timedelta = timedelta(hours=1)) -> int:
+    """Remove ``.NAME.UUID.tmp`` files a killed worker left in a local output folder.
+
+    Readers never see them (dot prefix), but they take disk. The age guard spares live writers.
+    Returns how many were removed; a no-op (0) off the local filesystem."""
+    if not is_local(fs) or not os.path.isdir(folder):
+        return 0
+    cutoff = time.time() - older_than.total_seconds()
+    removed = 0
+    for entry in os.scandir(folder):
+        if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.stat().st_mtime <= cutoff:
+            os.unlink(entry.path)
+            removed += 1
+    return removed
 
 
 def _multipart_uploads(fs: AbstractFileSystem, bucket: str, prefix: str) -> list[dict[str, Any]]:
