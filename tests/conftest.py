@@ -3,7 +3,6 @@ checkpoint, and shard folders built from real photos."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -34,8 +33,8 @@ def ray_cluster():
     (torch sees no CUDA device). Started once: ray.init costs seconds here."""
     import ray
 
-    os.environ.setdefault("RAY_ACCEPT_CALLABLE_NAMES", "1")
-    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    from vqpipe.driver import start_embedded_ray
+
+    start_embedded_ray(num_cpus=4, num_gpus=2)
     yield ray
     ray.shutdown()

@@ -71,11 +71,19 @@ def test_end_to_end_exactly_once(tmp_path, tiny_model_path, capsys):
     assert manifest["status"] == "complete"
     assert totals["shards_committed"] == 5 and totals["samples_written"] == len(keys)
     assert totals["samples_failed_by_reason"] == {"no_image": 5}
+    assert totals["stage_times_s"]["encode_s"] > 0 and totals["stage_times_s"]["decode_s"] > 0
     assert "samples written" in capsys.readouterr().out
     # a rerun with the same config has nothing left to do and touches nothing
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
     assert cli.main(["run", str(config)]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == before
+
+
+def test_embedded_ray_has_no_dashboard(ray_cluster):
+    from ray._private.worker import global_worker
+
+    assert len(ray_cluster.nodes()) == 1
+    assert global_worker.node.address_info.get("webui_url") in (None, "")
 
 
 def test_workers_pinned_to_distinct_fake_gpus(tmp_path, tiny_model_path, ray_cluster):

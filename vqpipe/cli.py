@@ -150,11 +150,13 @@ def _totals(outcome, plan, wall: float) -> dict:
         for reason, n in result.failures_by_reason.items():
             reasons[reason] = reasons.get(reason, 0) + n
     rows = sum(r.rows for r in outcome.committed.values())
+    stages = {k: round(sum(getattr(r.times, k) for r in outcome.committed.values()), 3)
+              for k in ("read_s", "decode_s", "encode_s", "write_s", "wait_s")}
     return {
         "shards": plan.total, "shards_committed": len(outcome.committed), "shards_failed": len(outcome.failed),
         "shards_skipped": len(plan.committed), "samples_written": rows, "samples_failed_by_reason": reasons,
         "wall_s": round(wall, 3), "images_per_s": round(rows / wall, 2) if wall else None,
-        "failed_shards": outcome.failed,
+        "failed_shards": outcome.failed, "stage_times_s": stages,
     }
 
 

@@ -88,11 +88,19 @@ def init_ray(config: RunConfig) -> None:
     if ray.is_initialized():
         return
     if config.ray.address is None:
-        # address="local" always starts a private cluster: a plain init() may attach to another
-        # cluster on this machine or trip over a stale /tmp/ray/ray_current_cluster.
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+        start_embedded_ray()
     else:
         ray.init(address=config.ray.address, log_to_driver=False)
+
+
+def start_embedded_ray(**resources) -> None:
+    """A private single-node Ray with the dashboard off.
+
+    ``address="local"`` always starts a new cluster: a plain ``init()`` may attach to another
+    cluster on this machine or trip over a stale ``/tmp/ray/ray_current_cluster``. (Ray resolves
+    a loopback node address to the machine's reachable IP, so it cannot be pinned to 127.0.0.1.)
+    """
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False, **resources)
 
 
 def worker_shape(config: RunConfig) -> tuple[int, float, int]:
