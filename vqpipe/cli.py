@@ -56,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     decode.add_argument("--out", help="report folder (default {output.path}/_vqpipe/decode/), any fsspec URL")
     decode.add_argument("--min-psnr", type=float, help="fail (exit 1) when the mean PSNR is below this, in dB")
     decode.set_defaults(func=cmd_decode)
+    inspect = sub.add_parser("inspect", help="summarise an output folder: shards, failures, codebook usage, "
+                                             "latent statistics")
+    inspect.add_argument("output", help="output folder, local or fsspec URL")
+    inspect.add_argument("--json", action="store_true", help="print the figures as JSON")
+    inspect.add_argument("--storage-options", default="{}", metavar="JSON",
+                         help='fsspec options for reading the output, as JSON: \'{"anon": true}\'')
+    inspect.set_defaults(func=cmd_inspect)
     return parser
 
 
@@ -97,6 +104,24 @@ def cmd_decode(args: argparse.Namespace) -> int:
     out = args.out or f"{config.output.path}/_vqpipe/decode"
     print(f"report: {out}/report.html")
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from vqpipe.io import NotTokenOutput
+    from vqpipe.stats import format_text, inspect_output
+
+    try:
+        options = json.loads(args.storage_options)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--storage-options is not valid JSON: {err}") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"--storage-options must be a JSON object, got {args.storage_options!r}")
+    try:
+        stats = inspect_output(args.output, options)
+    except (FileNotFoundError, NotTokenOutput) as err:
+        raise ConfigError(str(err)) from None
+    print(json.dumps(stats.to_dict(), indent=2) if args.json else format_text(stats))
+    return EXIT_OK
 
 
 def _load_model(config: RunConfig):

@@ -1,8 +1,12 @@
 """The decode job: turn stored tokens back into images and prove they are right.
 
-Samples rows (seeded) across the output, decodes their codes with the same model, re-reads the
-same samples' originals from their source shards by key, preprocesses them exactly as the
-encode did, and reports PSNR plus schema, consistency and lineage checks.
+Samples rows (seeded) across the output, decodes their codes (or latents, when the output has no
+codes) with the same model, re-reads the same samples' originals from their source shards by key,
+preprocesses them exactly as the encode did, and reports PSNR plus metadata, schema, consistency
+and lineage checks. Every failing check names the offending data file(s) and key(s).
+
+The decode runs in this process, on its device (CUDA when visible, else the CPU); it does not go
+through Ray.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import html
 import io
 import json
 import posixpath
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import fsspec
@@ -20,15 +25,18 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
 
+from vqpipe.arrays import fixed_list_to_numpy
 from vqpipe.config import RunConfig
 from vqpipe.encode import load_model, pick_device
 from vqpipe.images import preprocess
-from vqpipe.io import data_files, token_metadata
-from vqpipe.records import Preprocessed
+from vqpipe.io import Sampled, sample_rows
+from vqpipe.records import Preprocessed, ShardError
 from vqpipe.shards import iter_samples
-from vqpipe.arrays import fixed_list_to_numpy
 
 CONSISTENCY_FLOOR = 0.999  # float16 storage may flip a code where two codewords are nearly equidistant
+DECODE_BATCH = 16  # rows per decoder pass: bounds activation memory at 256 px and above
+NAMED = 5  # offending rows named per check; the figure says how many more
+CODES_LEAF = "codes.list.element.list.element"
 
 
 @dataclass
@@ -40,7 +48,7 @@ class Check:
 
 @dataclass
 class DecodeReport:
-    samples: list[dict] = field(default_factory=list)  # key, source, psnr
+    samples: list[dict] = field(default_factory=list)  # key, file, source, psnr
     checks: list[Check] = field(default_factory=list)
     mean_psnr: float | None = None
 
@@ -51,45 +59,41 @@ class DecodeReport:
 
 def run_decode(config: RunConfig, num_samples: int = 64, seed: int = 0, out: str | None = None,
                min_psnr: float | None = None) -> DecodeReport:
+    """Decode ``num_samples`` seeded rows of ``config.output.path`` and check them; writes
+    report.json, report.html, grid.png and one {key}.png per row to ``out``."""
     out = out or posixpath.join(config.output.path, "_vqpipe", "decode")
     model = load_model(config.model).to(pick_device())
-    meta = token_metadata(config.output.path, config.output.storage_options)
-    table = sample_rows(config.output.path, config.output.storage_options, num_samples, seed)
+    sampled = sample_rows(config.output.path, config.output.storage_options, num_samples, seed)
+    meta = sampled.reference_metadata()
     report = DecodeReport()
-    report.checks.append(_metadata_check(meta, model))
-    codes, latents = _columns(table)
-    report.checks.append(_schema_check(meta, codes, latents))
+    report.checks.append(_metadata_check(sampled.metadata, model))
+    schema, fit = _schema_check(sampled, meta)
+    report.checks.append(schema)
+    sampled.table = sampled.table.filter(pa.array(fit))  # rows that cannot be decoded are named above
+    codes, latents = _columns(sampled.table)
     recon = _reconstruct(model, codes, latents, meta)
-    originals = _originals(table, config)
-    report.checks.append(Check("lineage", len(originals) == table.num_rows,
-                               f"{len(originals)}/{table.num_rows} keys found in their source shards"))
+    originals, errors = _originals(sampled.table, config)
+    report.checks.append(_lineage_check(sampled, originals, errors))
     if codes is not None and latents is not None:
-        report.checks.append(_consistency_check(model, codes, latents, meta))
-    _psnr(report, table, originals, recon, min_psnr)
-    write_outputs(out, config.output.storage_options, report, table, originals, recon)
+        report.checks.append(_consistency_check(model, sampled, codes, latents, meta))
+    _psnr(report, sampled, originals, recon, min_psnr)
+    write_outputs(out, config.output.storage_options, report, sampled.table, originals, recon)
     return report
 
 
-def sample_rows(path: str, storage_options: dict, n: int, seed: int) -> pa.Table:
-    """``n`` rows drawn uniformly without replacement across all data files."""
-    fs, _ = fsspec.core.url_to_fs(path, **storage_options)
-    files = data_files(path, storage_options)
-    if not files:
-        raise FileNotFoundError(f"{path}: no Parquet files to decode")
-    counts = []
-    for f in files:
-        with fs.open(f, "rb") as handle:
-            counts.append(pq.ParquetFile(handle).metadata.num_rows)
-    total = sum(counts)
-    picks = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
-    offsets = np.cumsum([0] + counts)
-    tables = []
-    for i, f in enumerate(files):
-        local = picks[(picks >= offsets[i]) & (picks < offsets[i + 1])] - offsets[i]
-        if len(local):
-            with fs.open(f, "rb") as handle:
-                tables.append(pq.read_table(handle).take(pa.array(local)))
-    return pa.concat_tables(tables)
+def _where(sampled: Sampled, mask: np.ndarray) -> str:
+    """The file and key of the rows of ``sampled`` where ``mask`` holds."""
+    files, keys = sampled.table.column("file").to_pylist(), sampled.table.column("key").to_pylist()
+    return where([f for f, m in zip(files, mask) if m], [k for k, m in zip(keys, mask) if m])
+
+
+def where(files: Sequence[str], keys: Sequence[str], limit: int = NAMED) -> str:
+    """``file: key a, b; file: key c`` for the first ``limit`` rows, then how many more."""
+    by_file: dict[str, list[str]] = {}
+    for file, key in list(zip(files, keys))[:limit]:
+        by_file.setdefault(file, []).append(str(key))
+    text = "; ".join(f"{file}: key {', '.join(ks)}" for file, ks in by_file.items())
+    return text + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def _columns(table: pa.Table) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -99,41 +103,126 @@ def _columns(table: pa.Table) -> tuple[np.ndarray | None, np.ndarray | None]:
     return codes, latents
 
 
-def _metadata_check(meta: dict, model) -> Check:
+def _metadata_check(metadata: dict[str, dict | None], model) -> Check:
+    """Every data file, not just the sampled ones, must come from this model and scaling_factor."""
+    offenders: dict[str, list[str]] = {}
+    for path, meta in metadata.items():
+        for problem in _metadata_problems(meta, model):
+            offenders.setdefault(problem, []).append(path)
+    figure = "; ".join(f"{problem}: {_files(paths)}" for problem, paths in offenders.items())
+    return Check("metadata", not offenders, figure or f"all {len(metadata)} files written by this model "
+                                                      "and scaling_factor")
+
+
+def _metadata_problems(meta: dict | None, model) -> list[str]:
+    if meta is None:
+        return ["no vqpipe metadata"]
     problems = []
     if meta.get("weights_sha256") != model.weights_sha256:
         problems.append(f"weights {str(meta.get('weights_sha256'))[:12]} != model {str(model.weights_sha256)[:12]}")
     if meta.get("scaling_factor") != model.config.scaling_factor:
         problems.append(f"scaling_factor {meta.get('scaling_factor')} != {model.config.scaling_factor}")
-    return Check("metadata", not problems, "; ".join(problems) or "written by this model and scaling_factor")
+    return problems
 
 
-def _schema_check(meta: dict, codes: np.ndarray | None, latents: np.ndarray | None) -> Check:
-    problems = []
+def _files(paths: list[str], limit: int = 3) -> str:
+    return ", ".join(paths[:limit]) + (f" (+{len(paths) - limit} more)" if len(paths) > limit else "")
+
+
+def _schema_check(sampled: Sampled, meta: dict) -> tuple[Check, np.ndarray]:
+    """Columns alike in every file; shapes, dtype and finite latents on the sampled rows; the code
+    range on every row of every file. Also returns which sampled rows can be decoded."""
+    problems = [f"{file}: {why}" for file, why in sampled.skipped.items()]
+    fit = np.ones(sampled.table.num_rows, dtype=bool)
+    codes, latents = _columns(sampled.table)
     if codes is not None:
-        if codes.shape[1:] != tuple(meta["codes_shape"]):
-            problems.append(f"codes shape {codes.shape[1:]} != {meta['codes_shape']}")
-        if codes.size and int(codes.max()) >= meta["num_vq_embeddings"]:
-            problems.append(f"code {int(codes.max())} outside the codebook of {meta['num_vq_embeddings']}")
+        problems += _codes_problems(sampled, codes, meta, fit)
     if latents is not None:
-        if latents.shape[1:] != tuple(meta["latent_shape"]):
-            problems.append(f"latents shape {latents.shape[1:]} != {meta['latent_shape']}")
-        if str(latents.dtype) != meta["latent_dtype"]:
-            problems.append(f"latents dtype {latents.dtype} != {meta['latent_dtype']}")
-        if not np.isfinite(latents).all():
-            problems.append("non-finite latents")
-    return Check("schema", not problems, "; ".join(problems) or "codes in codebook, latents finite, shapes match")
+        problems += _latents_problems(sampled, latents, meta, fit)
+    return Check("schema", not problems, "; ".join(problems) or "codes in codebook, latents finite, "
+                                                                "shapes match"), fit
+
+
+def _codes_problems(sampled: Sampled, codes: np.ndarray, meta: dict, fit: np.ndarray) -> list[str]:
+    """Problems with the codes; clears ``fit`` where a sampled row cannot be decoded."""
+    codebook = meta["num_vq_embeddings"]
+    problems = _code_range_problems(sampled, codebook)
+    fit &= (codes < codebook).reshape(len(codes), -1).all(axis=1)
+    if codes.shape[1:] != tuple(meta["codes_shape"]):
+        first = next(iter(sampled.footers))
+        problems.append(f"{first}: codes shape {codes.shape[1:]} != metadata codes_shape {meta['codes_shape']}")
+        fit[:] = False
+    return problems
+
+
+def _latents_problems(sampled: Sampled, latents: np.ndarray, meta: dict, fit: np.ndarray) -> list[str]:
+    """Problems with the latents; clears ``fit`` where a sampled row cannot be decoded."""
+    problems = []
+    first = next(iter(sampled.footers))
+    if latents.shape[1:] != tuple(meta["latent_shape"]):
+        problems.append(f"{first}: latents shape {latents.shape[1:]} != metadata {meta['latent_shape']}")
+        fit[:] = False
+    if str(latents.dtype) != meta["latent_dtype"]:
+        problems.append(f"{first}: latents dtype {latents.dtype} != metadata {meta['latent_dtype']}")
+    finite = np.isfinite(latents).reshape(len(latents), -1).all(axis=1)
+    if not finite.all():
+        problems.append(f"non-finite latents: {_where(sampled, ~finite)}")
+    fit &= finite
+    return problems
+
+
+def _code_range_problems(sampled: Sampled, codebook: int) -> list[str]:
+    """Codes >= ``codebook`` anywhere in the output, by file and key. The footers' statistics clear
+    most row groups without reading them; only the others are read."""
+    problems = []
+    for path, md in sampled.footers.items():
+        if path in sampled.skipped:
+            continue
+        for group in _groups_over(md, codebook):
+            keys, top = _keys_with_codes_over(sampled.fs, path, group, codebook)
+            if keys:
+                problems.append(f"code {top} outside the codebook of {codebook}: {where([path] * len(keys), keys)}")
+    return problems
+
+
+def _groups_over(md: pq.FileMetaData, codebook: int) -> Iterator[int]:
+    """Row groups whose codes statistics do not prove every code < ``codebook``."""
+    for g in range(md.num_row_groups):
+        group = md.row_group(g)
+        if not group.num_rows:
+            continue
+        chunk = next((group.column(j) for j in range(group.num_columns)
+                      if group.column(j).path_in_schema == CODES_LEAF), None)
+        stats = chunk.statistics if chunk is not None else None
+        if stats is None or not stats.has_min_max or stats.max >= codebook:
+            yield g
+
+
+def _keys_with_codes_over(fs, path: str, group: int, codebook: int) -> tuple[list[str], int]:
+    with fs.open(path, "rb") as handle:
+        table = pq.ParquetFile(handle).read_row_group(group, columns=["key", "codes"])
+    codes = fixed_list_to_numpy(table.column("codes")).reshape(table.num_rows, -1)
+    bad = (codes >= codebook).any(axis=1)
+    keys = [k for k, b in zip(table.column("key").to_pylist(), bad) if b]
+    return keys, int(codes.max()) if codes.size else 0
 
 
 @torch.inference_mode()
-def _reconstruct(model, codes, latents, meta) -> np.ndarray:
+def _reconstruct(model, codes: np.ndarray | None, latents: np.ndarray | None, meta: dict) -> np.ndarray:
+    """(N, R, R, 3) uint8 images decoded from the codes, or from the latents when there are none."""
     device = next(model.parameters()).device
-    if codes is not None:
-        images = model.decode_codes(torch.from_numpy(codes.astype(np.int64)).to(device))
-    else:
-        h = torch.from_numpy(latents.astype(np.float32)).to(device) / meta["scaling_factor"]
-        images = model.decode(h).sample
-    return _to_uint8(images.float().cpu(), meta["value_range"])
+    n = len(codes) if codes is not None else len(latents)
+    parts = []
+    for start in range(0, n, DECODE_BATCH):
+        if codes is not None:
+            part = torch.from_numpy(codes[start:start + DECODE_BATCH].astype(np.int64)).to(device)
+            images = model.decode_codes(part)
+        else:
+            part = torch.from_numpy(latents[start:start + DECODE_BATCH].astype(np.float32)).to(device)
+            images = model.decode(part / meta["scaling_factor"]).sample
+        parts.append(_to_uint8(images.float().cpu(), meta["value_range"]))
+    size = meta["resolution"]
+    return np.concatenate(parts) if parts else np.zeros((0, size, size, 3), np.uint8)
 
 
 def _to_uint8(images: torch.Tensor, value_range) -> np.ndarray:
@@ -143,41 +232,90 @@ def _to_uint8(images: torch.Tensor, value_range) -> np.ndarray:
 
 
 @torch.inference_mode()
-def _consistency_check(model, codes, latents, meta) -> Check:
+def _consistency_check(model, sampled: Sampled, codes: np.ndarray, latents: np.ndarray, meta: dict) -> Check:
     h = torch.from_numpy(latents.astype(np.float32)) / meta["scaling_factor"]
     device = next(model.parameters()).device
     again = model.quantize.codes(h.to(device)).cpu().numpy()
-    agree = float((again == codes).mean())
-    return Check("consistency", agree >= CONSISTENCY_FLOOR,
-                 f"{agree:.4%} of positions: quantize(latents / scaling_factor) == codes (floor {CONSISTENCY_FLOOR:.1%})")
+    per_row = (again == codes).reshape(len(codes), -1).mean(axis=1)
+    agree = float(per_row.mean()) if len(per_row) else 1.0
+    figure = f"{agree:.4%} of positions: quantize(latents / scaling_factor) == codes (floor {CONSISTENCY_FLOOR:.1%})"
+    if agree < CONSISTENCY_FLOOR:
+        worst = np.zeros(len(per_row), dtype=bool)
+        worst[np.argsort(per_row, kind="stable")[:NAMED]] = True
+        figure += f"; least consistent: {_where(sampled, worst & (per_row < 1))}"
+    return Check("consistency", agree >= CONSISTENCY_FLOOR, figure)
 
 
-def _originals(table: pa.Table, config: RunConfig) -> dict[str, Preprocessed]:
+def _originals(table: pa.Table, config: RunConfig) -> tuple[dict[str, Preprocessed], dict[str, str]]:
+    """The sampled keys' images re-read from their source shards and preprocessed as encoded, and
+    the shards that could not be read (source -> error)."""
     wanted: dict[str, set[str]] = {}
     for key, source in zip(table.column("key").to_pylist(), table.column("source").to_pylist()):
         wanted.setdefault(source, set()).add(key)
     found: dict[str, Preprocessed] = {}
+    errors: dict[str, str] = {}
     for source, keys in wanted.items():
-        for sample in iter_samples(source, config.input.storage_options, on_failure=lambda failure: None):
-            if sample.key in keys:
-                result = preprocess(sample, config.input.image_keys, config.preprocess.resolution,
-                                    config.preprocess.min_size)
-                if isinstance(result, Preprocessed):
-                    found[sample.key] = result
+        try:
+            found |= _find(source, keys, config)
+        except ShardError as err:
+            errors[source] = str(err)
+    return found, errors
+
+
+def _find(source: str, keys: set[str], config: RunConfig) -> dict[str, Preprocessed]:
+    found: dict[str, Preprocessed] = {}
+    # Per-member problems of the source shard do not matter here: a sample they drop is a key
+    # not found, which the lineage check reports.
+    for sample in iter_samples(source, config.input.storage_options, on_failure=lambda failure: None):
+        if sample.key in keys:
+            result = preprocess(sample, config.input.image_keys, config.preprocess.resolution,
+                                config.preprocess.min_size)
+            if isinstance(result, Preprocessed):
+                found[sample.key] = result
+            if len(found) == len(keys):
+                break
     return found
 
 
-def _psnr(report: DecodeReport, table, originals, recon, min_psnr) -> None:
-    values = []
-    for i, (key, source) in enumerate(zip(table.column("key").to_pylist(), table.column("source").to_pylist())):
-        value = psnr(originals[key].pixels, recon[i]) if key in originals else None
-        report.samples.append({"key": key, "source": source, "psnr": value})
-        if value is not None:
-            values.append(value)
-    report.mean_psnr = float(np.mean(values)) if values else None
-    figure = f"mean {report.mean_psnr:.2f} dB over {len(values)} samples" if values else "no samples"
-    ok = min_psnr is None or (report.mean_psnr is not None and report.mean_psnr >= min_psnr)
-    report.checks.append(Check("psnr", ok, figure + (f" (floor {min_psnr} dB)" if min_psnr is not None else "")))
+def _lineage_check(sampled: Sampled, originals: dict, errors: dict[str, str]) -> Check:
+    keys = sampled.table.column("key").to_pylist()
+    missing = np.array([k not in originals for k in keys], dtype=bool)
+    figure = f"{len(keys) - int(missing.sum())}/{len(keys)} keys found in their source shards"
+    if missing.any():
+        figure += f"; not found: {_where(sampled, missing)}"
+    if errors:
+        figure += "; unreadable sources: " + "; ".join(errors.values())
+    return Check("lineage", not missing.any(), figure)
+
+
+def _psnr(report: DecodeReport, sampled: Sampled, originals, recon, min_psnr) -> None:
+    """PSNR per sample into ``report.samples`` (None where the original was not found), the mean,
+    and the check against ``min_psnr``, naming the worst rows when it fails."""
+    table = sampled.table
+    values = np.full(table.num_rows, np.nan)
+    rows = zip(table.column("key").to_pylist(), table.column("file").to_pylist(), table.column("source").to_pylist())
+    for i, (key, file, source) in enumerate(rows):
+        if key in originals:
+            values[i] = psnr(originals[key].pixels, recon[i])
+        report.samples.append({"key": key, "file": file, "source": source,
+                               "psnr": None if np.isnan(values[i]) else float(values[i])})
+    measured = ~np.isnan(values)
+    report.mean_psnr = float(np.mean(values[measured])) if measured.any() else None
+    report.checks.append(_psnr_check(sampled, values, report.mean_psnr, min_psnr))
+
+
+def _psnr_check(sampled: Sampled, values: np.ndarray, mean: float | None, min_psnr: float | None) -> Check:
+    measured = ~np.isnan(values)
+    figure = f"mean {mean:.2f} dB over {int(measured.sum())} samples" if mean is not None else "no samples"
+    if min_psnr is None:
+        return Check("psnr", True, figure)
+    ok = mean is not None and mean >= min_psnr
+    figure += f" (floor {min_psnr} dB)"
+    if not ok and measured.any():
+        worst = np.zeros(len(values), dtype=bool)
+        worst[np.argsort(np.where(measured, values, np.inf), kind="stable")[:NAMED]] = True
+        figure += f"; lowest: {_where(sampled, worst & measured)}"
+    return Check("psnr", ok, figure)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -202,7 +340,7 @@ def grid(keys, originals, recon, columns: int = 4) -> Image.Image:
     """Pairs (original | reconstruction), labelled by key, ``columns`` pairs per row."""
     size = recon.shape[1]
     label = 14
-    rows = (len(keys) + columns - 1) // columns
+    rows = max(1, (len(keys) + columns - 1) // columns)
     canvas = Image.new("RGB", (columns * (2 * size + 8), rows * (size + label + 8)), "white")
     draw = ImageDraw.Draw(canvas)
     for i, key in enumerate(keys):
