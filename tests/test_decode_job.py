@@ -228,3 +228,10 @@ def test_code_range_check_reads_only_suspect_row_groups(tmp_path, monkeypatch):
     problems = verify._code_range_problems(sampled, 99)
     assert problems == [f"code 99 outside the codebook of 99: {tmp_path / 'a.parquet'}: key k6"]
     assert read == [1]  # the other row groups' statistics cleared them; the empty file has no rows
+
+
+def test_decode_of_an_output_with_no_tokens_exits_2(tmp_path, tiny_model_path, capsys):
+    config = write_config(tmp_path, tiny_model_path, "unused.tar", tmp_path / "empty-output")
+    (tmp_path / "empty-output").mkdir()
+    assert cli.main(["decode", str(config)]) == 2
+    assert "empty-output" in capsys.readouterr().err

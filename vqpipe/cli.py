@@ -92,13 +92,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
+    from vqpipe.io import NotTokenOutput
     from vqpipe.verify import run_decode
 
     if args.num_samples < 1:
         raise ConfigError("--num-samples must be >= 1")
     config = load_config(args.config, args.overrides)
-    _load_model(config)  # a bad model path is a usage error, reported before any work
-    report = run_decode(config, args.num_samples, args.seed, args.out, args.min_psnr)
+    model = _load_model(config)  # a bad model path is a usage error, reported before any work
+    try:
+        report = run_decode(config, args.num_samples, args.seed, args.out, args.min_psnr, model=model)
+    except (FileNotFoundError, NotTokenOutput) as err:
+        raise ConfigError(f"output.path {config.output.path!r}: {err}") from None
     for check in report.checks:
         print(f"{'ok    ' if check.ok else 'FAILED'} {check.name}: {check.figure}")
     out = args.out or f"{config.output.path}/_vqpipe/decode"

@@ -58,11 +58,12 @@ class DecodeReport:
 
 
 def run_decode(config: RunConfig, num_samples: int = 64, seed: int = 0, out: str | None = None,
-               min_psnr: float | None = None) -> DecodeReport:
+               min_psnr: float | None = None, model=None) -> DecodeReport:
     """Decode ``num_samples`` seeded rows of ``config.output.path`` and check them; writes
-    report.json, report.html, grid.png and one {key}.png per row to ``out``."""
+    report.json, report.html, grid.png and one {key}.png per row to ``out``. ``model``: the
+    config's model, if the caller already loaded it."""
     out = out or posixpath.join(config.output.path, "_vqpipe", "decode")
-    model = load_model(config.model).to(pick_device())
+    model = (model if model is not None else load_model(config.model)).to(pick_device())
     sampled = sample_rows(config.output.path, config.output.storage_options, num_samples, seed)
     meta = sampled.reference_metadata()
     report = DecodeReport()
@@ -330,8 +331,11 @@ def write_outputs(out: str, storage_options: dict, report: DecodeReport, table, 
     for key, image in zip(keys, recon):
         fs.pipe_file(posixpath.join(root, f"{_safe(key)}.png"), _png(Image.fromarray(image)))
     fs.pipe_file(posixpath.join(root, "grid.png"), _png(grid(keys, originals, recon)))
-    data = {"ok": report.ok, "mean_psnr": report.mean_psnr, "checks": [asdict(c) for c in report.checks],
-            "samples": report.samples}
+    # A lossless reconstruction has infinite PSNR, which strict JSON cannot hold: write null.
+    samples = [{**s, "psnr": s["psnr"] if s["psnr"] is None or np.isfinite(s["psnr"]) else None}
+               for s in report.samples]
+    mean = report.mean_psnr if report.mean_psnr is None or np.isfinite(report.mean_psnr) else None
+    data = {"ok": report.ok, "mean_psnr": mean, "checks": [asdict(c) for c in report.checks], "samples": samples}
     fs.pipe_file(posixpath.join(root, "report.json"), (json.dumps(data, indent=2) + "\n").encode())
     fs.pipe_file(posixpath.join(root, "report.html"), report_html(report).encode())
 
