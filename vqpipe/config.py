@@ -253,6 +253,12 @@ def semantic_checks(config: RunConfig) -> None:
         (config.ray.shard_timeout_s > 0, "ray.shard_timeout_s must be > 0"),
         (0 <= config.ray.guard_fail_fraction <= 1, "ray.guard_fail_fraction must be within [0, 1]"),
         (bool(config.input.image_keys), "input.image_keys must not be empty"),
+        (not config.output.path.startswith("hf://"),
+         f"output.path = {config.output.path!r}: vqpipe does not write to the Hugging Face Hub, where every "
+         "shard file and commit marker would be its own Hub commit and a large run would hit the Hub's commit "
+         "rate limit. Write to a bucket or local disk, then upload the finished folder once with huggingface_hub's "
+         "resumable large-folder upload (upload_large_folder / `hf upload-large-folder` in huggingface_hub 0.x, "
+         "`hf upload REPO_ID FOLDER --repo-type dataset` in later versions)"),
     ]
     for ok, message in checks:
         if not ok:

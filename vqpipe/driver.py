@@ -49,8 +49,8 @@ class ShardWorker:
         self.current: tuple[str, int, float] | None = None
 
     def ready(self) -> dict:
-        return {"node": socket.gethostname(), "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                "device": str(self.encoder.device)}
+        return {"node": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": str(self.encoder.device)}
 
     def process(self, url: str, stem: str) -> ShardResult:
         self.current = (stem, 0, time.time())
@@ -87,10 +87,12 @@ class Outcome:
 def init_ray(config: RunConfig) -> None:
     if ray.is_initialized():
         return
-    if config.ray.address is None:
+    # `ray job submit` runs the driver with RAY_ADDRESS set: join that cluster, not a private one.
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address is None:
         start_embedded_ray()
     else:
-        ray.init(address=config.ray.address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False)
 
 
 def start_embedded_ray(**resources) -> None:

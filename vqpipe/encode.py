@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from vqpipe import hub
 from vqpipe.config import ModelConfig
 from vqpipe.model import VQModel
 
@@ -32,15 +33,19 @@ class EncodedBatch:
     amp_fallback: bool  # the batch was re-encoded in fp32 because AMP produced NaN/Inf
 
 
-def resolve_model_path(path: str) -> str:
-    """``demo`` names the tokenizer shipped inside the package; anything else is a path or URL."""
+def resolve_model_path(path: str, subfolder: str | None = None) -> str:
+    """``demo`` names the tokenizer shipped inside the package; ``hf://ORG/REPO[@REV][/SUBFOLDER]`` a
+    Hugging Face Hub repo, fetched into the local Hub cache (:mod:`vqpipe.hub`; ``subfolder`` says
+    which part of the repo to fetch); anything else is a path or fsspec URL."""
     if path == DEMO_MODEL:
         return str(resources.files("vqpipe") / "assets" / "demo-vq")
+    if hub.is_hub_path(path):
+        return hub.resolve(path, subfolder)
     return path
 
 
 def load_model(config: ModelConfig) -> VQModel:
-    model = VQModel.from_pretrained(resolve_model_path(config.path), subfolder=config.subfolder,
+    model = VQModel.from_pretrained(resolve_model_path(config.path, config.subfolder), subfolder=config.subfolder,
                                     storage_options=config.storage_options)
     if config.scaling_factor is not None:
         model.config = dataclasses.replace(model.config, scaling_factor=config.scaling_factor)
