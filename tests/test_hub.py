@@ -80,7 +80,7 @@ def test_hf_home_locates_the_cache(tmp_path, monkeypatch, tiny_model_path):
 def test_cli_dry_run_with_cached_hub_model(tmp_path, offline_cache, tiny_model_path, capsys):
     """The CLI resolves hf:// before any work (dry run: no Ray). Ray workers resolve it again on their
     own node, from the environment Ray gives them -- which is why cluster runs set HF_HOME / HF_TOKEN /
-    HF_HUB_OFFLINE in the job's runtime_env (jobs/README.md), not only in the submitting shell."""
+    HF_HUB_OFFLINE in the job's runtime_env (README, "Running on a cluster"), not only in the submitting shell."""
     import shardfactory as sf
 
     cache_repo(offline_cache, "acme/tokenizer", tiny_model_path)

@@ -247,7 +247,7 @@ def test_known_checkpoint_configs(name, repo, revision, subfolder, value_range, 
     assert config.model.precision != "auto"  # the CPU-only head and the GPU workers must agree
 
 
-# Architectures as the Hub configs give them (jobs/README.md, "Known checkpoints"), with the size of
+# Architectures as the Hub configs give them (README, "Known checkpoints"), with the size of
 # the Hub's fp32 weight file in MB: a VQModel built from the figures must have exactly that many bytes.
 KNOWN_ARCHITECTURES = {
     "ldm-celebahq-256": (dict(block_out_channels=(128, 256, 512), down_block_types=("DownEncoderBlock2D",) * 3,
