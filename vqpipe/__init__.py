@@ -2,12 +2,16 @@
 
 ARCHITECTURE — data flows one way; each arrow is a module:
 
-    shard URL --urls--> samples --shards--> preprocessed images --images--> batches
+    shard URL --urls--> samples --shards--> preprocessed images --images--> batches (prefetch)
       --encode (VQModel.tokenize)--> codes + scaled latents --sink--> {stem}.parquet + commit marker
 
-``shard_job.process_shard`` runs that chain for one shard with no Ray in it; ``driver`` hands
-shard URLs to GPU-pinned Ray actors that each hold one model; ``cli`` validates the config
-(``config``) at the edge and starts the driver. The model lives in ``vqpipe.model``.
+``shard_job.process_shard`` runs that chain for one shard with no Ray in it; ``driver`` (the only
+Ray module) hands shard URLs from a queue to GPU-pinned actors that each hold one model; ``plan``
+decides what is left to do; ``cli`` validates the config (``config``) at the edge and starts it.
+
+Reading back: ``io`` (Arrow / NumPy), ``dataset`` (a PyTorch ``IterableDataset``), ``stats``
+(``vqpipe inspect``), ``verify`` (``vqpipe decode``: tokens back to images, with checks). The
+model lives in ``vqpipe.model``; ``hub`` resolves ``hf://`` checkpoints.
 """
 
 from vqpipe.model import VQModel
