@@ -10,7 +10,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import resource
 import socket
+import sys
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -177,6 +179,9 @@ def _marker(url: str, stem: str, rows: int, failures: list[Failure], times: Stag
         "failures": [f.to_dict() for f in failures], "failures_by_reason": _count_reasons(failures),
         "times": dataclasses.asdict(times), "amp_fallback_batches": amp_fallbacks,
         "host": socket.gethostname(), "device": device,
+        # The worker process's peak so far, flat across shards when memory is (KiB on Linux, bytes on macOS).
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                             / (2**20 if sys.platform == "darwin" else 2**10), 1),
     }
 
 

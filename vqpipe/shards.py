@@ -4,7 +4,8 @@ The shard is streamed (``tarfile`` mode ``r|*``) straight from fsspec: never dow
 whole, never extracted. Members are grouped into samples by key, following
 img2dataset/webdataset: ``a/b/000008.v2.jpg`` is key ``a/b/000008``, field ``v2.jpg``.
 Each member is read whole into memory -- fine for images, and bounded by
-``max_member_bytes`` for hostile ones.
+``max_member_bytes`` for hostile ones. A dropped connection mid-shard is retried where it
+broke (:class:`~vqpipe.retry.RetryingReader`), not from the start of the shard.
 
 Per-member and per-sample problems go to ``on_failure`` and the stream goes on; a problem
 with the shard itself raises :class:`~vqpipe.records.ShardError`, after the samples read so
@@ -24,6 +25,7 @@ from typing import Any
 import fsspec
 
 from vqpipe.records import Failure, Sample, ShardError
+from vqpipe.retry import RetryingReader
 
 OnFailure = Callable[[Failure], None]
 
@@ -49,12 +51,13 @@ def iter_samples(
 
     Raises ShardError: ``missing_shard``; ``truncated_tar`` (including a stream that ends
     without the tar end-of-archive block -- the sample being read then is not yielded);
-    ``corrupt_tar`` (bad header, bad compression, or a zero-byte object); ``read_error``.
+    ``corrupt_tar`` (bad header, bad compression, or a zero-byte object); ``read_error``
+    (an I/O error that outlasted the per-read retries, or a permanent one such as a folder).
     """
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
     try:
-        with fsspec.open(url, "rb", **storage_options) as f:
-            tar = tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndTrackingTarInfo)
-            yield from _group(tar, url, on_failure, max_member_bytes)
+        with RetryingReader(lambda: fs.open(path, "rb"), url) as f:
+            yield from _group(_open_stream(f, url), url, on_failure, max_member_bytes)
     except FileNotFoundError as e:
         raise ShardError("missing_shard", f"{url}: {e}") from e
     except (EOFError, tarfile.ReadError) as e:
@@ -67,6 +70,15 @@ def iter_samples(
         # gzip.BadGzipFile is an OSError too: name it corrupt, not an I/O failure.
         reason = "corrupt_tar" if "gzip" in type(e).__name__.lower() else "read_error"
         raise ShardError(reason, f"{url}: {e}") from e
+
+
+def _open_stream(f: RetryingReader, url: str) -> tarfile.TarFile:
+    try:
+        return tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndTrackingTarInfo)
+    except TypeError as e:
+        # CPython's gzip header parser calls ord() on the empty read of a stream cut inside the
+        # header (found by tests/test_fuzz.py); nothing else in here can raise TypeError.
+        raise ShardError("truncated_tar", f"{url}: gzip header cut short ({e})") from e
 
 
 class _EndTrackingTarInfo(tarfile.TarInfo):
@@ -109,7 +121,7 @@ def _named_members(tar: tarfile.TarFile, on_failure: OnFailure) -> Iterator[_Mem
             continue
         split = split_member_name(info.name)
         if isinstance(split, str):
-            on_failure(Failure(info.name, "bad_member_name", split))
+            on_failure(Failure(_printable(info.name), "bad_member_name", split))
             continue
         yield _Member(split[0], split[1], info)
 
@@ -117,8 +129,12 @@ def _named_members(tar: tarfile.TarFile, on_failure: OnFailure) -> Iterator[_Mem
 def split_member_name(name: str) -> tuple[str, str] | str:
     """``(key, field)`` for a tar member name, or the reason it is rejected.
 
-    Key: the path up to the first dot of the base name; field: the rest, lowercased.
+    Key: the path up to the first dot of the base name; field: the rest, lowercased. A name
+    that is not UTF-8 (``tarfile`` hands its bytes over as lone surrogates) is rejected: such
+    a key could not be written as a Parquet string.
     """
+    if not name.isascii() and _printable(name) != name:
+        return f"member name {_printable(name)!r} is not UTF-8"
     parts = name.split("/")
     if name.startswith("/") or ".." in parts:
         return f"unsafe member path {name!r}"
@@ -128,6 +144,14 @@ def split_member_name(name: str) -> tuple[str, str] | str:
         return f"member {name!r} has no key or no extension"
     key = posixpath.join(dirname, stem) if dirname else stem
     return key, field.lower()
+
+
+def _printable(name: str) -> str:
+    """``name`` with undecodable bytes spelled ``\\xe9``, so it can go into JSON and Parquet."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no byte decodes to: spell it out as well
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass

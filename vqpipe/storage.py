@@ -8,6 +8,11 @@ Three ways to publish a file atomically, by filesystem:
 - anything else (``memory://``, ...): the bytes are buffered in memory and written with one
   ``pipe_file`` on success. memory:// ignores ``autocommit=False`` (the empty file appears at
   open), and other backends' transactions are unverified, so they get this path too.
+
+Whole-object writes (``pipe_file``) are retried after transient errors (:mod:`vqpipe.retry`):
+writing the same bytes again is harmless, and a create-only write that finds the object made
+by its own earlier, unanswered attempt recognises it by its bytes. S3 uploads are left to
+s3fs's own retries.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from typing import IO, Any, Protocol
 import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
+
+from vqpipe import retry
 
 # Backends verified to publish nothing before ``commit()``. Add one only after a test.
 _TRANSACTIONAL = {"s3", "s3a"}
@@ -124,7 +131,8 @@ class _BufferedAtomic:
         self.file: IO[bytes] = io.BytesIO()
 
     def commit(self) -> None:
-        self.fs.pipe_file(self.path, self.file.getvalue())
+        data = self.file.getvalue()
+        retry.call(lambda: self.fs.pipe_file(self.path, data), f"write {self.path}")
 
     def discard(self) -> None:
         self.file = io.BytesIO()
@@ -137,13 +145,24 @@ def write_create_only(fs: AbstractFileSystem, path: str, data: bytes) -> bool:
     ``If-None-Match: *``, which s3fs turns into FileExistsError; S3-compatible stores that
     ignore the header silently overwrite). Elsewhere fsspec checks ``exists`` and then
     writes: two writers racing inside that window can both return True.
+
+    A transient error is retried. If a retry then finds the object, the lost attempt may
+    have written it: it counts as ours when it holds exactly ``data`` (markers carry a
+    commit timestamp, so another writer's bytes differ).
     """
     if is_local(fs):
         return _link_create_only(path, data)
-    try:
+    calls = 0
+
+    def create() -> None:
+        nonlocal calls
+        calls += 1
         fs.pipe_file(path, data, mode="create")
+
+    try:
+        retry.call(create, f"create {path}")
     except FileExistsError:
-        return False
+        return calls > 1 and retry.call(lambda: fs.cat_file(path), f"read {path}") == data
     return True
 
 
