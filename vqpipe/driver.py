@@ -10,6 +10,7 @@ output stands, so no sample is written twice.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import socket
@@ -55,9 +56,12 @@ class ShardWorker:
     def process(self, url: str, stem: str) -> ShardResult:
         self.current = (stem, 0, time.time())
         try:
-            return process_shard(url, stem, self.job, self.encoder, self.pool, on_progress=self._progress)
+            result = process_shard(url, stem, self.job, self.encoder, self.pool, on_progress=self._progress)
         finally:
             self.current = None
+        # The per-sample failure list is in the shard's marker; the driver keeps only the counts, so
+        # its memory stays small however many shards a run has.
+        return dataclasses.replace(result, failures=[])
 
     def heartbeat(self) -> tuple[str, int, float] | None:
         """``(stem, rows so far, time of last progress)`` of the shard in hand."""

@@ -31,7 +31,7 @@ class Progress:
         self._last = now
         done = len(outcome.committed)
         rows = sum(r.rows for r in outcome.committed.values())
-        failed_samples = sum(len(r.failures) for r in outcome.committed.values())
+        failed_samples = sum(sum(r.failures_by_reason.values()) for r in outcome.committed.values())
         elapsed = max(now - self.started, 1e-9)
         rate = rows / elapsed
         todo = self.total - self.already
