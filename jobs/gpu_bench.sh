@@ -74,9 +74,9 @@ bench() {  # bench NAME TIMEOUT_S ARGS...
   fi
 }
 
-bench demo 110 configs/demo.yaml "model.path=$DEMO_MODEL" "${COMMON[@]}" --samples "$SAMPLES"
+bench demo 90 configs/demo.yaml "model.path=$DEMO_MODEL" "${COMMON[@]}" --samples "$SAMPLES"
 for batch in 128 256; do
-  bench "ldm-f4-b$batch" 150 configs/demo.yaml "model.path=$WORK/ldm-f4" "${COMMON[@]}" \
+  bench "ldm-f4-b$batch" 140 configs/demo.yaml "model.path=$WORK/ldm-f4" "${COMMON[@]}" \
     preprocess.resolution=256 model.precision=bf16 model.compile=true "model.batch_size=$batch" \
     --samples "$SAMPLES"
 done

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--storage-options", default="{}", metavar="JSON",
                          help='fsspec options for reading the output, as JSON: \'{"anon": true}\'')
     inspect.set_defaults(func=cmd_inspect)
+    from vqpipe import bench  # its parser and command live with the benchmark
+
+    bench.add_parser(sub)
     return parser
 
 

@@ -24,9 +24,11 @@ LDM_F4 = dict(block_out_channels=(128, 256, 512), down_block_types=("DownEncoder
               num_vq_embeddings=8192)
 
 
-def models() -> dict[str, dict]:
-    demo = VQModel.from_pretrained(str(resources.files("vqpipe") / "assets" / "demo-vq")).config.to_dict()
-    return {"demo (f4, 32-64-64)": demo, "LDM-f4 (128-256-512, 2 layers)": LDM_F4}
+def models(names: list[str]) -> dict[str, dict]:
+    available = {"ldm-f4": ("LDM-f4 (128-256-512, 2 layers, 8192 codes)", lambda: LDM_F4),
+                 "demo": ("demo tokenizer (f4, 32-64-64, 1024 codes)", lambda: VQModel.from_pretrained(
+                     str(resources.files("vqpipe") / "assets" / "demo-vq")).config.to_dict())}
+    return {available[n][0]: available[n][1]() for n in names}
 
 
 def variants(config: dict):
@@ -87,10 +89,11 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=["demo", "ldm-f4"], choices=["demo", "ldm-f4"])
     args = parser.parse_args()
     x = torch.randn(args.batch, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(0))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.resolution}px, batch {args.batch}\n")
-    for name, config in models().items():
+    for name, config in models(args.models).items():
         rates = time_variants(variants(config), x, args.repeats)
         base = rates["diffusers eager fp32"]
         print(f"| {name} | img/s | vs diffusers |\n|---|---|---|")

@@ -1,0 +1,69 @@
+"""``vqpipe bench``: a table on the terminal and one JSON line per run in the history file, with
+positive figures, on the demo config's shards (a tiny model keeps it fast)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vqpipe.bench import main, peak_device
+
+REPO = Path(__file__).resolve().parents[1]
+FIGURES = ("img_s", "fp32_eager_img_s", "flops_per_image", "achieved_tflops")
+
+
+@pytest.fixture
+def argv(tiny_model_path, tmp_path, monkeypatch) -> list[str]:
+    monkeypatch.chdir(REPO)  # configs/demo.yaml names its shards relative to the repository
+    return ["configs/demo.yaml", f"model.path={tiny_model_path}", "model.batch_size=4",
+            "preprocess.resolution=64", "--samples", "6",
+            "--repeats", "1", "--json", str(tmp_path / "history" / "bench.jsonl")]
+
+
+def test_bench_prints_the_table_and_appends_one_line_per_run(argv, tmp_path, capsys):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for row in ("| model ceiling (fp32, eager", "| decode, per core", "| pipeline (process_shard", "| efficiency"):
+        assert row in out
+    assert "bottleneck: " in out and "GFLOP/img" in out
+    # Torch on every core: the "all cores" rows are then skipped (and the run is quicker).
+    assert main(argv + ["--jpeg-size", "96x64", "--torch-threads", str(len(os.sched_getaffinity(0)))]) == 0
+    out = capsys.readouterr().out
+    assert "re-encoded as 96x64 JPEG" in out and "torch on all" not in out
+
+    lines = (tmp_path / "history" / "bench.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    record = json.loads(lines[0])
+    assert record["config"] == "configs/demo.yaml" and record["overrides"][0].startswith("model.path=")
+    assert record["setup"]["device"] == "cpu" and record["setup"]["resolution"] == 64
+    assert record["setup"]["batch_size"] == 4 and record["setup"]["samples"] == 6
+    assert all(record["model"][k] > 0 for k in FIGURES)
+    assert record["decode_img_s_per_core"] > 0 and record["pipeline"]["img_s"] > 0
+    assert record["pipeline"]["rows"] == 6  # every sample of the scratch shard written
+    assert record["efficiency"] > 0 and record["bottleneck"] in ("model", "decode")
+    assert record["advice"] and record["peak_rss_mb"] > 0
+
+
+def test_bench_refuses_a_bad_jpeg_size_before_any_work(argv, capsys):
+    assert main(argv + ["--jpeg-size", "512by384"]) == 2
+    assert "--jpeg-size '512by384' is not WxH" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, key", [
+    ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H100 PCIe", "H100 PCIe"),
+    ("NVIDIA H200", "H200"), ("NVIDIA L4", "L4"), ("NVIDIA A10G", "A10G"), ("NVIDIA L40S", None),
+    ("Tesla T4", None),
+])
+def test_peak_table_matches_whole_device_words(name, key):
+    assert peak_device(name) == key
+
+
+def test_bench_module_does_not_import_ray():
+    code = "import sys, vqpipe.bench; print('ray' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
