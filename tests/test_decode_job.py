@@ -25,7 +25,7 @@ from vqpipe.sink import ShardWriter, TokenLayout
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 DEMO = resources.files("vqpipe") / "assets" / "demo-vq"
-DEMO_MIN_PSNR_DB = 15.0  # far under the demo's 22 dB on held-out photos; the random tiny model scores ~11
+DEMO_MIN_PSNR_DB = 15.0  # under the demo's ~18 dB on these photos; the random tiny model scores ~11
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,9 @@ def encode(tmp: Path, inputs: Path, model_setup, shards: str = "shard-*.tar", **
     """`vqpipe run` over the input shards on one worker (one model load); returns (config, output)."""
     model, _, resolution = model_setup
     out = tmp / "out"
+    # float32 latents, as configs/demo.yaml stores them: the demo's 1024 close-packed codes flip
+    # ~0.5% on re-quantizing float16 latents, under the consistency check's 99.9% floor.
+    output = {"latent_dtype": "float32", **output}
     config = write_config(tmp, model, str(inputs / shards), out, preprocess={"resolution": resolution},
                           output=output, ray={"max_retries": 1, "num_workers": 1})
     assert cli.main(["run", str(config)]) == 0
@@ -154,10 +157,10 @@ def test_a_file_with_other_columns_is_named_and_left_out(encoded, tmp_path):
     shutil.copytree(out, copy)
     target = copy / "shard-00001.parquet"
     table = pq.read_table(target)
-    latents = fixed_list_to_numpy(table.column("latents")).astype(np.float32)
-    field = pa.field("latents", to_fixed_list_array(latents, pa.float32()).type, nullable=False)
+    latents = fixed_list_to_numpy(table.column("latents")).astype(np.float16)  # the output holds float32
+    field = pa.field("latents", to_fixed_list_array(latents, pa.float16()).type, nullable=False)
     table = table.set_column(table.schema.get_field_index("latents"), field,
-                             to_fixed_list_array(latents, pa.float32()))
+                             to_fixed_list_array(latents, pa.float16()))
     pq.write_table(table, target)
     code, report = decode(config, copy, tmp_path / "report")
     schema = next(c for c in report["checks"] if c["name"] == "schema")
