@@ -6,7 +6,7 @@ For tests of transient storage faults. Options (as ``storage_options``)::
      "ops": ["open", "read", "write", "list"], "always": ["shard-00003"], "where": "everywhere"}
 
 ``rate`` is the chance that one call of a kind in ``ops`` fails: ``open`` (opening a file),
-``read`` (one ``read()`` of an open file, or ``cat_file``), ``write`` (``pipe_file``) and
+``read`` (one ``read()`` of an open file, or ``cat_file``), ``write`` (``pipe_file``, ``rm_file``) and
 ``list`` (``ls`` / ``info``, hence ``exists``). The error is a ``ConnectionResetError``,
 ``TimeoutError`` or ``OSError(EIO)``, and the failure is the awkward kind: a failed read may
 have consumed part of the stream, and a failed write may have reached the store before its
@@ -129,7 +129,12 @@ class FaultyFileSystem(AbstractFileSystem):
         self.target.mkdir(path, create_parents=create_parents, **kwargs)
 
     def rm_file(self, path: str) -> None:
+        lost_answer = self.coin()
+        if not lost_answer:
+            self.maybe_fail("write", path)
         self.target.rm_file(path)
+        if lost_answer:
+            self.maybe_fail("write", path)  # removed, but the caller hears an error
 
     def _rm(self, path: str) -> None:
         self.target.rm(path)

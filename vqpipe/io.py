@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vqpipe import storage
 from vqpipe.arrays import fixed_list_to_numpy
 
 
@@ -38,7 +39,7 @@ def data_file_sizes(path: str, storage_options: dict | None = None) -> dict[str,
     """``data_files`` with their sizes in bytes, from one listing."""
     fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
     fs.invalidate_cache(root)
-    found = fs.glob(posixpath.join(root, "*.parquet"), detail=True)
+    found = storage.glob(fs, posixpath.join(root, "*.parquet"))
     return {p: int(info["size"]) for p, info in found.items() if not posixpath.basename(p).startswith(".")}
 
 

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 import fsspec
 
-from vqpipe import storage
-
+from vqpipe import retry, storage
 from vqpipe.config import ConfigError, RunConfig
-from vqpipe.sink import committed_stems
+from vqpipe.sink import MARKER_DIR, committed_stems
 from vqpipe.urls import expand_urls, shard_stems
 
 log = logging.getLogger(__name__)
@@ -65,10 +64,10 @@ def read_manifest(config: RunConfig) -> dict | None:
     fs, root = fsspec.core.url_to_fs(config.output.path, **config.output.storage_options)
     path = posixpath.join(root, MANIFEST)
     fs.invalidate_cache(posixpath.dirname(path))
-    if not fs.exists(path):
+    try:
+        return json.loads(retry.call(lambda: fs.cat_file(path), f"read {path}"))
+    except FileNotFoundError:
         return None
-    with fs.open(path, "rb") as f:
-        return json.load(f)
 
 
 def incompatibilities(previous: dict | None, current: dict) -> list[str]:
@@ -83,16 +82,21 @@ def incompatibilities(previous: dict | None, current: dict) -> list[str]:
 def write_json(config: RunConfig, relative: str, data: dict) -> None:
     fs, root = fsspec.core.url_to_fs(config.output.path, **config.output.storage_options)
     path = posixpath.join(root, relative)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    fs.pipe_file(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+    body = (json.dumps(data, indent=2, default=str) + "\n").encode()
+    retry.call(lambda: fs.makedirs(posixpath.dirname(path), exist_ok=True), f"mkdir for {path}")
+    retry.call(lambda: fs.pipe_file(path, body), f"write {path}")
 
 
 def sweep_leftovers(config: RunConfig) -> None:
     """Clean what killed workers of earlier runs left: S3 multipart uploads never completed and
     local temp files (both older than an hour, so live writers of this run are spared)."""
     fs, root = fsspec.core.url_to_fs(config.output.path, **config.output.storage_options)
-    aborted = storage.sweep_incomplete_uploads(fs, root)
-    removed = storage.sweep_stale_temp_files(fs, root)
+    try:
+        aborted = storage.sweep_incomplete_uploads(fs, root)
+        removed = storage.sweep_stale_temp_files(fs, root)
+    except OSError as err:  # housekeeping: the next run sweeps again
+        log.warning("could not sweep leftovers under %s: %s: %s", config.output.path, type(err).__name__, err)
+        return
     if aborted or removed:
         log.info("swept %d incomplete uploads and %d temp files under %s", aborted, removed, config.output.path)
 
@@ -101,20 +105,24 @@ def remove_json(config: RunConfig, relative: str) -> None:
     fs, root = fsspec.core.url_to_fs(config.output.path, **config.output.storage_options)
     path = posixpath.join(root, relative)
     fs.invalidate_cache(posixpath.dirname(path))
-    if fs.exists(path):
-        fs.rm(path)
+    _remove(fs, path)
 
 
 def remove_output(config: RunConfig) -> None:
     """``--overwrite``: drop committed data, markers and failure records before starting again."""
     fs, root = fsspec.core.url_to_fs(config.output.path, **config.output.storage_options)
     fs.invalidate_cache(root)
-    if not fs.exists(root):
-        return
-    for path in fs.glob(posixpath.join(root, "*.parquet")):
-        fs.rm(path)
-    for sub in ("_vqpipe/shards", FAILED_DIR):
-        target = posixpath.join(root, sub)
-        if fs.exists(target):
-            fs.rm(target, recursive=True)
+    # File by file from listings that fail loudly (a recursive rm lists through fsspec's walk, which
+    # skips folders it failed to list). Markers go first: an overwrite cut short then leaves data
+    # without markers, which the next run redoes, never a marker whose data is gone.
+    for pattern in (f"{MARKER_DIR}/*.json", f"{FAILED_DIR}/*.json", "*.parquet"):
+        for path in storage.glob(fs, posixpath.join(root, pattern)):
+            _remove(fs, path)
     fs.invalidate_cache(root)
+
+
+def _remove(fs, path: str) -> None:
+    try:
+        retry.call(lambda: fs.rm_file(path), f"remove {path}")
+    except FileNotFoundError:
+        pass  # never there, or removed by an attempt whose answer was lost

@@ -51,9 +51,11 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, OSError) and not isinstance(err, PERMANENT_ERRORS)
 
 
-def call(fn: Callable[[], T], what: str, policy: RetryPolicy = DEFAULT_POLICY) -> T:
-    """``fn()``, called again after transient errors up to ``policy.attempts`` times in all;
-    the last error (or any permanent one) is raised. ``what`` names the operation in logs."""
+def call(fn: Callable[[], T], what: str, policy: RetryPolicy | None = None) -> T:
+    """``fn()``, called again after transient errors up to ``policy.attempts`` times in all
+    (:data:`DEFAULT_POLICY` when None, looked up per call); the last error (or any permanent one)
+    is raised. ``what`` names the operation in logs."""
+    policy = policy or DEFAULT_POLICY
     failures = 0
     while True:
         try:
@@ -77,7 +79,7 @@ class RetryingReader(io.RawIOBase):
     that died half way may have moved it.
     """
 
-    def __init__(self, opener: Callable[[], IO[bytes]], what: str, policy: RetryPolicy = DEFAULT_POLICY) -> None:
+    def __init__(self, opener: Callable[[], IO[bytes]], what: str, policy: RetryPolicy | None = None) -> None:
         super().__init__()
         self._opener, self._what, self._policy = opener, what, policy
         self._offset = 0

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vqpipe import storage
+from vqpipe import retry, storage
 from vqpipe.arrays import to_fixed_list_array
 
 ROW_GROUP_ROWS = 1024
@@ -239,7 +239,7 @@ class ShardWriter:
                 self._flush(self._pending_rows)  # an empty shard still gets a row-less file
             self._writer.close()
             storage.invalidate(self.fs, self._marker)
-            if self.fs.exists(self._marker):
+            if storage.exists(self.fs, self._marker):
                 self.abort()
                 return CommitResult(False, self.stem, self.rows, record["parquet"], record)
             _target(self._sink).commit()
@@ -290,7 +290,7 @@ def committed_stems(output_url: str, storage_options: dict[str, Any]) -> set[str
     folder = posixpath.join(root, MARKER_DIR)
     storage.invalidate(fs, folder)
     try:
-        names = fs.ls(folder, detail=False)
+        names = retry.call(lambda: fs.ls(folder, detail=False), f"list {folder}")
     except FileNotFoundError:
         return set()
     base = (posixpath.basename(n) for n in names)
@@ -302,6 +302,6 @@ def read_marker(output_url: str, stem: str, storage_options: dict[str, Any]) -> 
     fs, path = storage.filesystem(marker_path(output_url, stem), storage_options)
     storage.invalidate(fs, path)
     try:
-        return json.loads(fs.cat_file(path))
+        return json.loads(retry.call(lambda: fs.cat_file(path), f"read {path}"))
     except FileNotFoundError:
         return None

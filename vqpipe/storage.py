@@ -9,7 +9,7 @@ Three ways to publish a file atomically, by filesystem:
   ``pipe_file`` on success. memory:// ignores ``autocommit=False`` (the empty file appears at
   open), and other backends' transactions are unverified, so they get this path too.
 
-Whole-object writes (``pipe_file``) are retried after transient errors (:mod:`vqpipe.retry`):
+Whole-object writes (``pipe_file``) and existence checks are retried after transient errors (:mod:`vqpipe.retry`):
 writing the same bytes again is harmless, and a create-only write that finds the object made
 by its own earlier, unanswered attempt recognises it by its bytes. S3 uploads are left to
 s3fs's own retries.
@@ -189,6 +189,39 @@ def _fsync_dir(folder: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def exists(fs: AbstractFileSystem, path: str) -> bool:
+    """Whether ``path`` exists, asking again after transient errors.
+
+    fsspec's own ``exists`` answers False on *any* error, so a dropped connection would read as
+    "absent"; here only FileNotFoundError does, and an error that outlasts the retries is raised.
+    """
+    try:
+        retry.call(lambda: fs.info(path), f"info {path}")
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def glob(fs: AbstractFileSystem, pattern: str) -> dict[str, dict[str, Any]]:
+    """``fs.glob(pattern, detail=True)`` that never mistakes a failed listing for an empty one.
+
+    fsspec's generic walk *omits* folders whose listing raised, so one dropped connection would
+    silently shrink a run's shard list or a reader's file list; ``on_error="raise"`` turns that off.
+    s3fs's recursive (``**``) listing takes no ``on_error`` (TypeError) but raises its errors anyway.
+    Transient errors are retried; a missing folder matches nothing.
+    """
+    def once() -> dict[str, dict[str, Any]]:
+        try:
+            return fs.glob(pattern, detail=True, on_error="raise")
+        except TypeError:
+            return fs.glob(pattern, detail=True)
+
+    try:
+        return retry.call(once, f"glob {pattern}")
+    except FileNotFoundError:
+        return {}
 
 
 def invalidate(fs: AbstractFileSystem, path: str) -> None:

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import fsspec
 from braceexpand import braceexpand
 
+from vqpipe import storage
+
 _WILDCARDS = re.compile(r"[*?\[]")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -56,7 +58,7 @@ def expand_urls(urls: str | list[str], storage_options: dict[str, Any]) -> list[
 
 def _glob(pattern: str, storage_options: dict[str, Any]) -> list[str]:
     fs, path = fsspec.core.url_to_fs(pattern, **storage_options)
-    found = fs.glob(path, detail=True)
+    found = storage.glob(fs, path)
     files = sorted(name for name, info in found.items() if info.get("type") == "file")
     scheme = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
     # fsspec strips the protocol from listings; put the user's spelling back so globbed and
