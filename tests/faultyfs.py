@@ -17,7 +17,8 @@ processes started by :func:`run_cli`'s Ray workers, sparing the driver's own boo
 
 Paths are the target's: ``faulty:///tmp/x/a.tar`` over ``file`` is ``/tmp/x/a.tar``.
 ``FaultyFileSystem.injected`` counts the faults of this process; with ``FAULTYFS_LOG`` set in
-the environment, each fault also appends a line to that file (to count across Ray workers).
+the environment, each fault also appends a line ``PID driver|worker OP ERROR PATH`` to that file
+(to count across Ray workers).
 
 Importing the module registers the protocol. Ray workers import it through the runtime env's
 ``worker_process_setup_hook`` (``faultyfs.register``); see :func:`run_cli`.
@@ -91,7 +92,8 @@ class FaultyFileSystem(AbstractFileSystem):
         log = os.environ.get(LOG_ENV)
         if log:
             with open(log, "a") as f:
-                f.write(f"{os.getpid()} {op} {type(error).__name__} {path}\n")
+                role = "worker" if os.environ.get(WORKER_ENV) else "driver"
+                f.write(f"{os.getpid()} {role} {op} {type(error).__name__} {path}\n")
         raise error
 
     # -- the calls vqpipe makes -----------------------------------------------------------------

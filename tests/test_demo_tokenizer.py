@@ -12,15 +12,14 @@ pytest.importorskip("skimage")
 from vqpipe.demo.train_tokenizer import DEMO_RESOLUTION, evaluate_heldout, heldout_crops, psnr  # noqa: E402
 
 DEMO_VQ = importlib.resources.files("vqpipe") / "assets" / "demo-vq"
-# The issue aims at 22 dB; the shipped model reaches 17.06 dB (320 steps: training on this shared
-# 2-core machine was starved of CPU). The floor guards the shipped weights against regressions
-# until a longer training run replaces them.
-MIN_HELDOUT_PSNR_DB = 16.5
-# Not 98%: 1024 codewords in 4-D sit ~0.05 apart at a latent std of ~0.8, and bf16 keeps ~0.3%
-# relative precision, so rounding the input image alone moves ~3% of positions across a cell
-# boundary (measured: 97% agreement from rounding only the input, 96% from rounding only `h`).
-# The flips are to neighbouring codewords; what users rely on, the decoded image, is checked below.
-MIN_BF16_CODE_AGREEMENT = 0.90
+# The issue's aim; the shipped model reaches 23.59 dB on this set (see its model card).
+MIN_HELDOUT_PSNR_DB = 22.0
+# Not 98%: 1024 codewords in 4-D sit close together, and the median encoder output is only 1.6% of
+# its norm nearer its codeword than the next one, while bf16 keeps ~0.4% relative precision:
+# rounding only the input image to bf16 already flips 1.1% of the codes, and the shipped model
+# agrees on 94.4% of all held-out positions (94.3% on the two crops below). The flips are to
+# neighbouring codewords; what users rely on, the decoded image, is checked below.
+MIN_BF16_CODE_AGREEMENT = 0.93
 MAX_BF16_PSNR_LOSS_DB = 0.3
 
 

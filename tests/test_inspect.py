@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from test_run import make_shards, write_config
+from runfiles import make_shards, write_config
 from vqpipe import cli, sink
 from vqpipe.arrays import fixed_list_to_numpy
 from vqpipe.sink import ShardWriter, TokenLayout

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import shardfactory as sf
-from test_run import write_config, written_keys
+from runfiles import write_config, written_keys
 from vqpipe import cli, shard_job
 from vqpipe.config import InputConfig, ModelConfig, OutputConfig, PreprocessConfig
 from vqpipe.encode import TokenEncoder, load_model

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from test_run import make_shards, write_config
+from runfiles import make_shards, write_config
 from vqpipe import cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"

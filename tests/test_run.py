@@ -8,56 +8,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 import shardfactory as sf
 from vqpipe import cli, faults
 from vqpipe.config import load_config
 from vqpipe.driver import ShardWorker, worker_shape
+from runfiles import make_shards, write_config, written_keys
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
-
-
-def make_shards(folder: Path, n: int, per_shard: int = 5, prefix: str = "shard") -> list[str]:
-    """``n`` shards of ``per_shard`` good samples with globally unique keys, plus one sample without
-    an image in each shard (a failure to account for)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    keys = []
-    for s in range(n):
-        members = []
-        for i in range(per_shard):
-            key = f"{s:03d}{i:03d}"
-            members += sf.good_members(key, name=PHOTOS[(s + i) % len(PHOTOS)], caption=f"photo {key}")
-            keys.append(key)
-        members.append((f"{s:03d}999.txt", b"no image here"))
-        sf.write_tar(folder / f"{prefix}-{s:05d}.tar", members)
-    return keys
-
-
-def write_config(tmp_path: Path, model: str, urls: str, out: Path, **sections) -> Path:
-    config = {
-        "input": {"urls": urls},
-        "preprocess": {"resolution": 32},
-        "model": {"path": model, "batch_size": 2},
-        "output": {"path": str(out)},
-        "ray": {"num_workers": 2, "cpus_per_worker": 1, "shard_timeout_s": 120},
-    }
-    for section, values in sections.items():
-        config.setdefault(section, {}).update(values)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def written_keys(out: Path) -> list[str]:
-    return [k for f in sorted(out.glob("*.parquet")) for k in pq.read_table(f, columns=["key"]).column("key").to_pylist()]
-
 
 def test_end_to_end_exactly_once(tmp_path, tiny_model_path, capsys):
     keys = make_shards(tmp_path / "in", 5)

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from s3server import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
-from test_run import make_shards, write_config
+from runfiles import make_shards, write_config
 from test_s3_run import S3Run, s3_run, upload  # noqa: F401  (s3_run is a fixture)
 from vqpipe import VQModel, cli
 from vqpipe.config import load_config
