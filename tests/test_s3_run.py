@@ -378,13 +378,13 @@ def test_permanent_errors_are_not_retried():
 
 @pytest.mark.slow
 def test_cli_run_on_faulty_storage_completes_exactly_once(tmp_path, tiny_model_path):
-    """The whole CLI on Ray: 5% of every storage call fails, the driver's (planning, manifest,
+    """The whole CLI on Ray: 15% of every storage call fails, the driver's (planning, manifest,
     markers, failure records) and the workers' alike; one shard's reads always fail. Per-call
     retries absorb the first, the driver's shard retries give up on the second: exit 1, that
     shard recorded as failed, every other sample written exactly once."""
     keys = make_shards(tmp_path / "in", 4, per_shard=8)
     sf.write_tar(tmp_path / "in" / "shard-00004.tar", sf.good_members("broken"))  # unreadable below
-    options = {"target_protocol": "file", "rate": 0.05, "seed": 3, "where": "everywhere",
+    options = {"target_protocol": "file", "rate": 0.15, "seed": 3, "where": "everywhere",
                "always": [str(tmp_path / "in" / "shard-00004.tar")]}
     config = write_config(tmp_path, tiny_model_path, f"faulty://{tmp_path}/in/shard-{{00000..00004}}.tar",
                           f"faulty://{tmp_path}/out", input={"storage_options": options},

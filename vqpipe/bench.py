@@ -223,8 +223,10 @@ def _setup(config: RunConfig, encoder: TokenEncoder, samples: int, repeats: int,
     decode_threads = config.ray.cpus_per_worker if workers == "auto" else workers
     cuda = encoder.device.type == "cuda"
     if torch_threads is None:
-        # On a CPU-only box the model and the decoders share the cores: give torch the rest.
-        torch_threads = torch.get_num_threads() if cuda else max(1, cores - decode_threads)
+        # As in a CPU-only worker: Ray sets an actor's torch threads to its CPUs (ray.cpus_per_worker,
+        # clamped to the machine), and the decode threads run beside them (decoding is a few percent
+        # of the model's CPU time at demo sizes, so taking cores from torch for it measured slower).
+        torch_threads = torch.get_num_threads() if cuda else max(1, min(cores, config.ray.cpus_per_worker))
     name = torch.cuda.get_device_name(encoder.device) if cuda else _cpu_name()
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[encoder.autocast_dtype]
     return Setup(str(encoder.device), name, cores, decode_threads, torch_threads, precision, encoder.compiled,

@@ -82,7 +82,11 @@ class TokenEncoder:
         self.model.to(memory_format=self.memory_format)
         self._tokenize: Callable = model.tokenize
         if self.compiled:
-            self._tokenize = torch.compile(model.tokenize, dynamic=False)
+            # On CPU, freezing lets inductor treat the weights as constants and pre-pack them for
+            # oneDNN: the demo encoder ran 31 img/s frozen vs 28 compiled vs 24 eager (2 threads,
+            # 128 px, batch 16), codes identical. Inference only, which is all this class does.
+            options = {"freezing": True} if device.type == "cpu" else None
+            self._tokenize = torch.compile(model.tokenize, dynamic=False, options=options)
         self.amp_fallback_batches = 0
 
     @torch.inference_mode()
