@@ -94,3 +94,21 @@ def test_bf16_codes_decode_to_the_same_images(model, bf16_codes):
         bf16_psnr = psnr(model.decode_codes(bf16).clamp(-1, 1), images).mean().item()
     assert bf16_psnr >= fp32_psnr - MAX_BF16_PSNR_LOSS_DB, (
         f"images decoded from bf16 codes: {bf16_psnr:.2f} dB, from fp32 codes: {fp32_psnr:.2f} dB")
+
+
+def test_training_command_line_and_model_card(model, tmp_path):
+    """The script's flags become its config, bad values are refused by name, and the card states
+    the command that reproduces the run and the scores it was given."""
+    from vqpipe.demo.train_tokenizer import CodeUsage, Scores, TrainResult, model_card, parse_args
+
+    cfg = parse_args(["--out", str(tmp_path), "--steps", "40", "--commitment", "0.5", "--threads", "1"])
+    assert (cfg.steps, cfg.commitment, cfg.threads, cfg.latent_channels) == (40, 0.5, 1, 4)
+    for flag, value in (("--commitment", "-1"), ("--latent-channels", "0"), ("--crop", "30")):
+        with pytest.raises(ValueError, match=flag[2:].replace("-", "_")):
+            parse_args(["--out", str(tmp_path), flag, value])
+    usage = CodeUsage(model.config.num_vq_embeddings)
+    usage.add(torch.arange(512))
+    card = model_card(model, cfg, TrainResult(steps=40, heldout_psnr=[(20, 21.5)]), Scores(23.25, 0.95, usage), 15)
+    assert f"train_tokenizer --out {tmp_path} --steps 40 --seed 0 --commitment 0.5 --threads 1`" in card
+    assert "**23.25 dB** over 15" in card and "21.50 dB @ step 20" in card and "95.0% of the held-out" in card
+    assert "50.0% of codes used" in card and "0.5 x an extra commitment term" in card

@@ -534,9 +534,10 @@ codes, latents = model.tokenize(images)  # images (B, 3, {res}, {res}) in [-1, 1
   photo rescaled by a random factor in [{cfg.min_scale}, 1] (antialiased), flipped horizontally
   half the time; pixels in [-1, 1].
 - Loss: MSE + the quantizer's own loss (diffusers' codebook + 0.25 commitment, straight-through
-  estimator) + {cfg.commitment} x an extra commitment term `mse(h, sg(codeword))`. The first {warm:.0f}% of the run trains without quantization; the codebook is then
-  initialised by k-means on encoder outputs, and codewords unused for {cfg.restart_every} steps are
-  re-seeded from recent encoder outputs ({restarts} re-seeds in all).
+  estimator) + {cfg.commitment} x an extra commitment term `mse(h, sg(codeword))`. The first
+  {warm:.0f}% of the run trains without quantization; the codebook is then initialised by k-means
+  on encoder outputs, and codewords unused for {cfg.restart_every} steps are re-seeded from recent
+  encoder outputs ({restarts} re-seeds in all).
 - Optimiser: Adam, lr {cfg.lr} with 2% warm-up and cosine decay to 2%, gradient norm clipped at 1,
   scheduled over the CPU-time budget.
 
