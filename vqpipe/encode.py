@@ -83,8 +83,9 @@ class TokenEncoder:
         self._tokenize: Callable = model.tokenize
         if self.compiled:
             # On CPU, freezing lets inductor treat the weights as constants and pre-pack them for
-            # oneDNN: the demo encoder ran 31 img/s frozen vs 28 compiled vs 24 eager (2 threads,
-            # 128 px, batch 16), codes identical. Inference only, which is all this class does.
+            # oneDNN: the demo encoder ran 31 img/s frozen vs 28 compiled unfrozen vs 26 eager
+            # (tests/benchmarks/bench_model.py, 2 threads, 128 px, batch 16), codes identical.
+            # Inference only, which is all this class does.
             options = {"freezing": True} if device.type == "cpu" else None
             self._tokenize = torch.compile(model.tokenize, dynamic=False, options=options)
         self.amp_fallback_batches = 0

@@ -64,10 +64,7 @@ def read_manifest(config: RunConfig) -> dict | None:
     fs, root = fsspec.core.url_to_fs(config.output.path, **config.output.storage_options)
     path = posixpath.join(root, MANIFEST)
     fs.invalidate_cache(posixpath.dirname(path))
-    try:
-        return json.loads(retry.call(lambda: fs.cat_file(path), f"read {path}"))
-    except FileNotFoundError:
-        return None
+    return storage.read_json(fs, path)
 
 
 def incompatibilities(previous: dict | None, current: dict) -> list[str]:

@@ -301,7 +301,4 @@ def read_marker(output_url: str, stem: str, storage_options: dict[str, Any]) -> 
     """The commit marker of ``stem``, or None if the shard is not committed."""
     fs, path = storage.filesystem(marker_path(output_url, stem), storage_options)
     storage.invalidate(fs, path)
-    try:
-        return json.loads(retry.call(lambda: fs.cat_file(path), f"read {path}"))
-    except FileNotFoundError:
-        return None
+    return storage.read_json(fs, path)

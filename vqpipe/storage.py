@@ -9,15 +9,16 @@ Three ways to publish a file atomically, by filesystem:
   ``pipe_file`` on success. memory:// ignores ``autocommit=False`` (the empty file appears at
   open), and other backends' transactions are unverified, so they get this path too.
 
-Whole-object writes (``pipe_file``) and existence checks are retried after transient errors (:mod:`vqpipe.retry`):
-writing the same bytes again is harmless, and a create-only write that finds the object made
-by its own earlier, unanswered attempt recognises it by its bytes. S3 uploads are left to
-s3fs's own retries.
+Whole-object writes (``pipe_file``), reads of small objects, existence checks and listings are
+retried after transient errors (:mod:`vqpipe.retry`): writing the same bytes again is harmless,
+and a create-only write that finds the object made by its own earlier, unanswered attempt
+recognises it by its bytes. S3 uploads are left to s3fs's own retries.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 import uuid
@@ -202,6 +203,14 @@ def exists(fs: AbstractFileSystem, path: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def read_json(fs: AbstractFileSystem, path: str) -> Any | None:
+    """The JSON document at ``path``, or None if there is none; transient errors are retried."""
+    try:
+        return json.loads(retry.call(lambda: fs.cat_file(path), f"read {path}"))
+    except FileNotFoundError:
+        return None
 
 
 def glob(fs: AbstractFileSystem, pattern: str) -> dict[str, dict[str, Any]]:

@@ -393,8 +393,7 @@ class Trainer:
     def check_heldout(self) -> None:
         if self.quantize:
             self.result.heldout_psnr.append((self.result.steps, evaluate_heldout(self.model, self.eval_crops)))
-            log.info("step %d: held-out PSNR %.2f dB, bf16 code agreement %.1f%%", self.result.steps,
-                     self.result.heldout_psnr[-1][1], 100 * bf16_code_agreement(self.model, self.eval_crops))
+            log.info("step %d: held-out PSNR %.2f dB", self.result.steps, self.result.heldout_psnr[-1][1])
 
 
 def _log_progress(step: int, progress: float, mse: float, usage: CodeUsage | None) -> None:
@@ -498,7 +497,9 @@ def model_card(model: VQModel, cfg: TrainConfig, result: TrainResult, scores: Sc
         heldout=scores.heldout_psnr, n_eval=n_eval,
         res=DEMO_RESOLUTION, res4=DEMO_RESOLUTION // 4, warm=100 * cfg.warmup_fraction, checks=checks,
         used=100 * scores.usage.used_fraction(), perplexity=scores.usage.perplexity(), bf16=100 * scores.bf16_agreement,
-        restarts=result.restarted_codes, scaling=model.config.scaling_factor, photos=photos, cfg=cfg)
+        restarts=result.restarted_codes, scaling=model.config.scaling_factor, photos=photos, cfg=cfg,
+        extra_commitment=f" + {cfg.commitment} x an extra commitment term `mse(h, sg(codeword))`"
+        if cfg.commitment else "")
 
 
 _CARD = """\
@@ -534,8 +535,7 @@ codes, latents = model.tokenize(images)  # images (B, 3, {res}, {res}) in [-1, 1
   photo rescaled by a random factor in [{cfg.min_scale}, 1] (antialiased), flipped horizontally
   half the time; pixels in [-1, 1].
 - Loss: MSE + the quantizer's own loss (diffusers' codebook + 0.25 commitment, straight-through
-  estimator) + {cfg.commitment} x an extra commitment term `mse(h, sg(codeword))`. The first
-  {warm:.0f}% of the run trains without quantization; the codebook is then initialised by k-means
+  estimator){extra_commitment}. The first {warm:.0f}% of the run trains without quantization; the codebook is then initialised by k-means
   on encoder outputs, and codewords unused for {cfg.restart_every} steps are re-seeded from recent
   encoder outputs ({restarts} re-seeds in all).
 - Optimiser: Adam, lr {cfg.lr} with 2% warm-up and cosine decay to 2%, gradient norm clipped at 1,
