@@ -29,6 +29,7 @@ def test_defaults_and_types(tmp_path):
     assert config.input.image_keys == ("jpg", "jpeg", "png", "webp")
     assert config.preprocess.resolution == 256 and config.preprocess.value_range == (-1.0, 1.0)
     assert config.model.batch_size == 64 and config.model.precision == "auto" and config.model.compile == "auto"
+    assert config.model.micro_batch == "auto"
     assert config.output.latent_dtype == "float16" and config.output.compression == "zstd"
     assert config.ray.address is None and config.ray.max_retries == 3
 
@@ -36,10 +37,10 @@ def test_defaults_and_types(tmp_path):
 def test_dotted_overrides(tmp_path):
     config = load_config(_write(tmp_path, BASE), ["model.batch_size=128", "output.path=s3://b/x",
                                                   "ray.num_workers=4", "model.compile=false",
-                                                  "preprocess.value_range=[0, 1]"])
+                                                  "preprocess.value_range=[0, 1]", "model.micro_batch=4"])
     assert config.model.batch_size == 128 and config.output.path == "s3://b/x"
     assert config.ray.num_workers == 4 and config.model.compile is False
-    assert config.preprocess.value_range == (0.0, 1.0)
+    assert config.preprocess.value_range == (0.0, 1.0) and config.model.micro_batch == 4
 
 
 @pytest.mark.parametrize("override, words", [
@@ -47,6 +48,7 @@ def test_dotted_overrides(tmp_path):
     ("model.batch_size=big", "model.batch_size must be int"),
     ("model.precision=fp8", "model.precision = 'fp8'; choose one of"),
     ("model.batch_size=0", "model.batch_size must be >= 1"),
+    ("model.micro_batch=0", "model.micro_batch must be >= 1 or auto"),
     ("preprocess.value_range=[1, 0]", "preprocess.value_range"),
     ("ray.num_workers=many", "ray.num_workers"),
     ("input.image_keys=[]", "input.image_keys must not be empty"),

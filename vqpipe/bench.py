@@ -213,7 +213,7 @@ def _encoder(config: RunConfig) -> TokenEncoder:
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.path {config.model.path!r} cannot be read: {err}") from None
     return TokenEncoder(model, pick_device(), config.model.precision, config.model.compile,
-                        config.model.batch_size, config.preprocess.value_range)
+                        config.model.batch_size, config.preprocess.value_range, config.model.micro_batch)
 
 
 def _setup(config: RunConfig, encoder: TokenEncoder, samples: int, repeats: int, source: str,

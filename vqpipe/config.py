@@ -54,7 +54,9 @@ class ModelConfig:
     scaling_factor: Union[float, None] = _f(None, doc="override the checkpoint's scaling_factor")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", doc="auto = bf16 on CUDA, fp32 on CPU")
     compile: Literal["auto", True, False] = _f("auto", doc="torch.compile the encoder; auto = on for CUDA")
-    batch_size: int = _f(64, doc="images per forward pass")
+    batch_size: int = _f(64, doc="images per encode step (and per GPU forward pass)")
+    micro_batch: Union[int, Literal["auto"]] = _f(
+        "auto", doc="images per forward pass within a batch; auto = the batch on GPU, cache-sized on CPU")
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,7 @@ def semantic_checks(config: RunConfig) -> None:
         (config.preprocess.decode_workers == "auto" or config.preprocess.decode_workers >= 1,
          "preprocess.decode_workers must be >= 1 or auto"),
         (config.model.batch_size >= 1, "model.batch_size must be >= 1"),
+        (config.model.micro_batch == "auto" or config.model.micro_batch >= 1, "model.micro_batch must be >= 1 or auto"),
         (config.output.codes or config.output.latents, "output.codes and output.latents cannot both be false"),
         (config.ray.num_workers == "auto" or config.ray.num_workers >= 1, "ray.num_workers must be >= 1 or auto"),
         (config.ray.cpus_per_worker >= 1, "ray.cpus_per_worker must be >= 1"),

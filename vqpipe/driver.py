@@ -41,7 +41,7 @@ class ShardWorker:
         model = load_model(config.model)
         device = pick_device()
         self.encoder = TokenEncoder(model, device, config.model.precision, config.model.compile,
-                                    config.model.batch_size, config.preprocess.value_range)
+                                    config.model.batch_size, config.preprocess.value_range, config.model.micro_batch)
         precision = str(self.encoder.autocast_dtype or "fp32").replace("torch.", "")
         self.job = make_job(config.input, config.preprocess, config.output, model, precision)
         workers = config.preprocess.decode_workers

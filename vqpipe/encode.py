@@ -18,6 +18,7 @@ import torch
 
 from vqpipe import hub
 from vqpipe.config import ModelConfig
+from vqpipe.micro_batch import cpu_micro_batch
 from vqpipe.model import VQModel
 
 log = logging.getLogger(__name__)
@@ -61,16 +62,19 @@ class TokenEncoder:
     """``(B, R, R, 3)`` uint8 pixels -> :class:`EncodedBatch`.
 
     ``compile`` wraps the encoder in ``torch.compile`` with static shapes; partial batches are
-    padded up to the batch size so the last batch of every shard does not trigger a recompile.
+    padded up to the forward-pass size so the last batch of every shard does not trigger a
+    recompile. ``micro_batch`` is that size: ``auto`` = the whole batch on a GPU, on a CPU as many
+    images as keep the first stage's activations in cache (:mod:`vqpipe.micro_batch`).
     """
 
     def __init__(self, model: VQModel, device: torch.device, precision: str, compile: bool | str,
-                 batch_size: int, value_range: tuple[float, float]):
+                 batch_size: int, value_range: tuple[float, float], micro_batch: int | str = "auto"):
         self.device = device
         self.model = model.to(device)
         self.autocast_dtype = model.autocast_dtype(precision, device)
         self.compiled = compile is True or (compile == "auto" and device.type == "cuda")
         self.batch_size = batch_size
+        self.micro_batch = micro_batch
         low, high = value_range
         self._scale, self._offset = (high - low) / 255.0, low
         # channels_last on every device: cuDNN convolutions are fastest in it, NHWC pixels permuted to
@@ -114,9 +118,18 @@ class TokenEncoder:
         tensor = tensor.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         return tensor.float().mul_(self._scale).add_(self._offset).contiguous(memory_format=self.memory_format)
 
+    def forward_batch(self, height: int, width: int) -> int:
+        """Images per forward pass for inputs of this size."""
+        if isinstance(self.micro_batch, int):
+            return min(self.micro_batch, self.batch_size)
+        if self.device.type != "cpu":
+            return self.batch_size
+        return cpu_micro_batch(self.batch_size, self.model.config.block_out_channels[0], height, width)
+
     def _encode_with_oom_guard(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.shape[0] > self.batch_size:
-            parts = [self._encode_with_oom_guard(part) for part in x.split(self.batch_size)]
+        step = self.forward_batch(*x.shape[-2:])
+        if x.shape[0] > step:
+            parts = [self._encode_with_oom_guard(part) for part in x.split(step)]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         try:
             return self._encode_padded(x)
@@ -129,10 +142,10 @@ class TokenEncoder:
             return self._encode_with_oom_guard(x)
 
     def _encode_padded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = x.shape[0]
-        if not self.compiled or n >= self.batch_size:
+        n, step = x.shape[0], self.forward_batch(*x.shape[-2:])
+        if not self.compiled or n >= step:
             return self._tokenize(x, autocast_dtype=self.autocast_dtype)
-        pad = x[-1:].expand(self.batch_size - n, *x.shape[1:])
+        pad = x[-1:].expand(step - n, *x.shape[1:])
         padded = torch.cat([x, pad]).contiguous(memory_format=self.memory_format)
         codes, latents = self._tokenize(padded, autocast_dtype=self.autocast_dtype)
         return codes[:n], latents[:n]

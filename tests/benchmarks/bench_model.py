@@ -2,6 +2,7 @@
 vs ``argmin(cdist)``. Not a test (pytest does not collect ``bench_*.py``); run:
 
     python tests/benchmarks/bench_model.py [--resolution 256] [--batch 16] [--repeats 5]
+        [--micro-batches 8 4 2 1]
 
 Prints a Markdown table for the README. Timings are medians over ``--repeats`` runs after a
 warm-up, interleaving the variants so drift on a shared machine hits them alike.
@@ -31,7 +32,7 @@ def models(names: list[str]) -> dict[str, dict]:
     return {available[n][0]: available[n][1]() for n in names}
 
 
-def variants(config: dict, bf16: bool = True):
+def variants(config: dict, bf16: bool = True, micro_batches: tuple[int, ...] = ()):
     import diffusers
 
     torch.manual_seed(0)
@@ -54,7 +55,16 @@ def variants(config: dict, bf16: bool = True):
         "vqpipe compiled fp32": lambda x: compiled(cl(x)),
         "vqpipe compiled bf16": lambda x: compiled(cl(x), autocast_dtype=torch.bfloat16),
     }
+    # The same batch in several forward passes, as TokenEncoder runs it on a CPU (vqpipe.micro_batch).
+    for n in micro_batches:
+        fns[f"diffusers eager fp32, passes of {n}"] = _in_passes(diffusers_fp32, n)
+        fns[f"vqpipe eager fp32, passes of {n}"] = _in_passes(fns["vqpipe eager fp32"], n)
+        fns[f"vqpipe compiled fp32, passes of {n}"] = _in_passes(fns["vqpipe compiled fp32"], n)
     return {k: f for k, f in fns.items() if bf16 or "bf16" not in k}
+
+
+def _in_passes(fn, n: int):
+    return lambda x: [fn(part) for part in x.split(n)]
 
 
 def time_variants(fns: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
@@ -96,11 +106,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["demo", "ldm-f4"], choices=["demo", "ldm-f4"])
     parser.add_argument("--no-bf16", action="store_true",
                         help="skip bf16 (CPUs without AVX512-BF16/AMX run bf16 convolutions ~30x slower than fp32)")
+    parser.add_argument("--micro-batches", nargs="*", type=int, default=[],
+                        help="also time each batch split into forward passes of these sizes")
     args = parser.parse_args()
     x = torch.randn(args.batch, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(0))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.resolution}px, batch {args.batch}\n")
     for name, config in models(args.models).items():
-        rates = time_variants(variants(config, not args.no_bf16), x, args.repeats)
+        rates = time_variants(variants(config, not args.no_bf16, tuple(args.micro_batches)), x, args.repeats)
         base = rates["diffusers eager fp32"]
         print(f"| {name} | img/s | vs diffusers |\n|---|---|---|")
         for variant, rate in rates.items():
