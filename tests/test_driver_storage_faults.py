@@ -1,4 +1,4 @@
-"""The driver's own storage calls (planning, manifests, failure records, markers) under transient
+"""The driver's own storage calls (planning, manifests, failure records, markers, inspect) under transient
 faults: every answer must be the true one, never "absent" because a connection dropped.
 
 ``faulty://`` over ``memory://`` fails 30% of listings, reads and writes; a failed write may have
@@ -18,6 +18,7 @@ import faultyfs
 from vqpipe import plan, retry, storage
 from vqpipe.config import load_config
 from vqpipe.sink import committed_stems, marker_path, read_marker
+from vqpipe.stats import inspect_output
 from vqpipe.urls import expand_urls
 
 # One cached filesystem instance for all calls, so its fault generator runs on instead of restarting.
@@ -108,3 +109,19 @@ def test_globs_match_the_same_files_despite_faults(prefix):
     for _ in range(5):
         urls = expand_urls(f"faulty://{prefix}/in/shard-0000[0-6].tar", FAULTS)
         assert urls == [f"faulty://{prefix}/in/shard-{i:05d}.tar" for i in range(7)]
+
+
+def test_inspect_counts_every_marker_and_failure_record_despite_faults(prefix):
+    memory = fsspec.filesystem("memory")
+    for i in range(7):
+        memory.pipe_file(marker_path(f"{prefix}/out", f"shard-{i:05d}"),
+                         json.dumps({"rows": 3, "failures_by_reason": {"decode_error": 1}}).encode())
+    for i in (7, 8):
+        memory.pipe_file(f"{prefix}/out/{plan.FAILED_DIR}/shard-{i:05d}.json",
+                         json.dumps({"error": "truncated tar", "attempts": 3}).encode())
+    before = sum(faultyfs.FaultyFileSystem.injected.values())
+    for _ in range(5):
+        shards = inspect_output(f"faulty://{prefix}/out", FAULTS).shards
+        assert shards.committed == 7 and shards.failed_samples_by_reason == {"decode_error": 7}
+        assert sorted(f.stem for f in shards.failed) == ["shard-00007", "shard-00008"]
+    assert sum(faultyfs.FaultyFileSystem.injected.values()) > before

@@ -18,7 +18,7 @@ import torch
 
 from vqpipe import hub
 from vqpipe.config import ModelConfig
-from vqpipe.micro_batch import cpu_micro_batch
+from vqpipe.cpu_passes import Streams, cache_per_stream, cpu_micro_batch, last_level_cache, start_streams
 from vqpipe.model import VQModel
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,14 @@ class TokenEncoder:
     ``compile`` wraps the encoder in ``torch.compile`` with static shapes; partial batches are
     padded up to the forward-pass size so the last batch of every shard does not trigger a
     recompile. ``micro_batch`` is that size: ``auto`` = the whole batch on a GPU, on a CPU as many
-    images as keep the first stage's activations in cache (:mod:`vqpipe.micro_batch`).
+    images as keep the first stage's activations in cache. On a CPU the passes run on ``streams``
+    single-threaded streams at once (``auto`` = the caller's torch thread count; an uncompiled
+    encoder only): see :mod:`vqpipe.cpu_passes`.
     """
 
     def __init__(self, model: VQModel, device: torch.device, precision: str, compile: bool | str,
-                 batch_size: int, value_range: tuple[float, float], micro_batch: int | str = "auto"):
+                 batch_size: int, value_range: tuple[float, float], micro_batch: int | str = "auto",
+                 streams: int | str = "auto"):
         self.device = device
         self.model = model.to(device)
         self.autocast_dtype = model.autocast_dtype(precision, device)
@@ -93,6 +96,30 @@ class TokenEncoder:
             options = {"freezing": True} if device.type == "cpu" else None
             self._tokenize = torch.compile(model.tokenize, dynamic=False, options=options)
         self.amp_fallback_batches = 0
+        self._fixed_streams = None if streams == "auto" else int(streams)
+        self._streams: Streams | None = None
+        self._streams_for = 1  # the stream count _streams was made for (None when that failed)
+        self._cache = last_level_cache() if device.type == "cpu" else None
+
+    def _current_streams(self) -> Streams | None:
+        """The streams for this call: ``auto`` follows the caller's torch thread count, so a Ray
+        actor with N CPUs (torch on N threads) runs N streams. None on a GPU, and for a compiled
+        encoder: dynamo's guards and caches are not documented as safe to call from several
+        threads at once."""
+        if self.device.type != "cpu" or self.compiled:
+            return None
+        want = self._fixed_streams or torch.get_num_threads()
+        if want != self._streams_for:
+            if self._streams:
+                self._streams.close()
+            self._streams, self._streams_for = start_streams(want), want
+        return self._streams
+
+    @property
+    def streams(self) -> int:
+        """How many passes run at once (on a CPU; 1 elsewhere)."""
+        current = self._current_streams()
+        return current.streams if current else 1
 
     @torch.inference_mode()
     def __call__(self, pixels: np.ndarray) -> EncodedBatch:
@@ -124,12 +151,15 @@ class TokenEncoder:
             return min(self.micro_batch, self.batch_size)
         if self.device.type != "cpu":
             return self.batch_size
-        return cpu_micro_batch(self.batch_size, self.model.config.block_out_channels[0], height, width)
+        return cpu_micro_batch(self.batch_size, self.model.config.block_out_channels[0], height, width,
+                               cache_per_stream(self.streams, self._cache))
 
     def _encode_with_oom_guard(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         step = self.forward_batch(*x.shape[-2:])
         if x.shape[0] > step:
-            parts = [self._encode_with_oom_guard(part) for part in x.split(step)]
+            streams = self._current_streams()
+            run = streams.map if streams else lambda fn, items: [fn(i) for i in items]
+            parts = run(self._encode_with_oom_guard, x.split(step))
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         try:
             return self._encode_padded(x)

@@ -19,6 +19,7 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
+from vqpipe import retry
 from vqpipe.arrays import fixed_list_to_numpy
 from vqpipe.io import data_file_sizes, vqpipe_metadata
 from vqpipe.plan import FAILED_DIR
@@ -128,17 +129,41 @@ def inspect_output(path: str, storage_options: dict | None = None) -> OutputStat
 
 def _json_records(fs: fsspec.AbstractFileSystem, folder: str) -> Iterator[tuple[str, dict]]:
     """``(stem, record)`` for every ``{stem}.json`` in ``folder``, in stem order, fetched
-    ``JSON_BATCH`` at a time (concurrently on object stores)."""
+    ``JSON_BATCH`` at a time (concurrently on object stores). Transient errors are retried, and
+    one that outlasts the retries is raised: a dropped listing must not read as "no records"."""
     fs.invalidate_cache(folder)
     try:
-        names = sorted(p for p in fs.ls(folder, detail=False)
-                       if p.endswith(".json") and not posixpath.basename(p).startswith("."))
+        listing = retry.call(lambda: fs.ls(folder, detail=False), f"list {folder}")
     except FileNotFoundError:
         return
+    names = sorted(p for p in listing if p.endswith(".json") and not posixpath.basename(p).startswith("."))
     for start in range(0, len(names), JSON_BATCH):
-        bodies = fs.cat(names[start:start + JSON_BATCH])
+        bodies = _cat_each(fs, names[start:start + JSON_BATCH])
         for name in names[start:start + JSON_BATCH]:
-            yield posixpath.basename(name)[: -len(".json")], json.loads(bodies[name])
+            if name in bodies:
+                yield posixpath.basename(name)[: -len(".json")], json.loads(bodies[name])
+
+
+def _cat_each(fs: fsspec.AbstractFileSystem, names: list[str]) -> dict[str, bytes]:
+    """The bodies of ``names``; each retry asks again only for the files that failed, and a file
+    removed since the listing (a concurrent run retried that shard) is left out."""
+    bodies: dict[str, bytes] = {}
+    gone: set[str] = set()
+
+    def fetch_missing() -> None:
+        errors = []
+        for name, body in fs.cat([n for n in names if n not in bodies and n not in gone], on_error="return").items():
+            if isinstance(body, FileNotFoundError):
+                gone.add(name)
+            elif isinstance(body, BaseException):
+                errors.append(body)
+            else:
+                bodies[name] = body
+        if errors:
+            raise errors[0]
+
+    retry.call(fetch_missing, f"read {len(names)} records in {posixpath.dirname(names[0])}")
+    return bodies
 
 
 def _failed_shard(stem: str, record: dict) -> FailedShard:

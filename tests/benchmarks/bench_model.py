@@ -2,7 +2,7 @@
 vs ``argmin(cdist)``. Not a test (pytest does not collect ``bench_*.py``); run:
 
     python tests/benchmarks/bench_model.py [--resolution 256] [--batch 16] [--repeats 5]
-        [--micro-batches 8 4 2 1]
+        [--micro-batches 8 4 2 1] [--streams]
 
 Prints a Markdown table for the README. Timings are medians over ``--repeats`` runs after a
 warm-up, interleaving the variants so drift on a shared machine hits them alike.
@@ -18,6 +18,7 @@ from importlib import resources
 import torch
 
 from vqpipe import VQModel
+from vqpipe.cpu_passes import Streams
 from vqpipe.model.quantizer import nearest_codes
 
 LDM_F4 = dict(block_out_channels=(128, 256, 512), down_block_types=("DownEncoderBlock2D",) * 3,
@@ -32,7 +33,7 @@ def models(names: list[str]) -> dict[str, dict]:
     return {available[n][0]: available[n][1]() for n in names}
 
 
-def variants(config: dict, bf16: bool = True, micro_batches: tuple[int, ...] = ()):
+def variants(config: dict, bf16: bool = True, micro_batches: tuple[int, ...] = (), streams: bool = False):
     import diffusers
 
     torch.manual_seed(0)
@@ -55,11 +56,15 @@ def variants(config: dict, bf16: bool = True, micro_batches: tuple[int, ...] = (
         "vqpipe compiled fp32": lambda x: compiled(cl(x)),
         "vqpipe compiled bf16": lambda x: compiled(cl(x), autocast_dtype=torch.bfloat16),
     }
-    # The same batch in several forward passes, as TokenEncoder runs it on a CPU (vqpipe.micro_batch).
+    # The same batch in several forward passes, as TokenEncoder runs it on a CPU (vqpipe.cpu_passes).
+    pool = Streams(torch.get_num_threads()) if streams else None
     for n in micro_batches:
         fns[f"diffusers eager fp32, passes of {n}"] = _in_passes(diffusers_fp32, n)
         fns[f"vqpipe eager fp32, passes of {n}"] = _in_passes(fns["vqpipe eager fp32"], n)
         fns[f"vqpipe compiled fp32, passes of {n}"] = _in_passes(fns["vqpipe compiled fp32"], n)
+        if pool:  # as TokenEncoder runs an uncompiled encoder on a CPU
+            fns[f"vqpipe eager fp32, passes of {n} on {pool.streams} streams"] = (
+                lambda x, n=n, pool=pool: pool.map(lambda part: ours.tokenize(cl(part)), x.split(n)))
     return {k: f for k, f in fns.items() if bf16 or "bf16" not in k}
 
 
@@ -108,11 +113,13 @@ def main() -> None:
                         help="skip bf16 (CPUs without AVX512-BF16/AMX run bf16 convolutions ~30x slower than fp32)")
     parser.add_argument("--micro-batches", nargs="*", type=int, default=[],
                         help="also time each batch split into forward passes of these sizes")
+    parser.add_argument("--streams", action="store_true",
+                        help="also run those passes on single-threaded streams, one per torch thread")
     args = parser.parse_args()
     x = torch.randn(args.batch, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(0))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.resolution}px, batch {args.batch}\n")
     for name, config in models(args.models).items():
-        rates = time_variants(variants(config, not args.no_bf16, tuple(args.micro_batches)), x, args.repeats)
+        rates = time_variants(variants(config, not args.no_bf16, tuple(args.micro_batches), args.streams), x, args.repeats)
         base = rates["diffusers eager fp32"]
         print(f"| {name} | img/s | vs diffusers |\n|---|---|---|")
         for variant, rate in rates.items():

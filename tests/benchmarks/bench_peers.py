@@ -283,8 +283,8 @@ FLOORS = {("vqpipe", "naive"): 1.5, ("vqpipe-compiled", "naive"): 1.5, ("vqpipe"
 def time_variants(variants: dict, repeats: int, tmp: Path, urls: list[str], one: str) -> dict[str, dict]:
     """Per variant: rows, median seconds and img/s; one round runs every variant once, in turn.
     A Ray variant also runs a one-image shard each round: its start-up (actors, model load, first
-    batch), subtracted from that round's time for ``steady_img_s``. CPU s/img counts every process
-    of the benchmark (Ray's included, which idles beside the in-process variants too)."""
+    batch), subtracted from that round's time for ``steady_img_s``. CPU s/img counts the whole
+    machine (Ray's processes included, which idle beside the in-process variants too)."""
     runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}  # seconds, cpu, start-up
     rows: dict[str, int] = {}
     for r in range(repeats):
@@ -313,23 +313,12 @@ def _summary(name: str, rows: int, runs: list[tuple[float, float, float]]) -> di
 
 
 def _cpu_seconds() -> float:
-    """CPU seconds of this process and all its descendants (Ray's GCS, raylet and workers), reaped
-    ones included: the raylet reaps its workers, so their time lands in its cutime/cstime."""
-    parents, ticks = {}, {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        parents[int(entry.name)] = int(fields[1])
-        ticks[int(entry.name)] = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-    tree, frontier = set(), {os.getpid()}
-    while frontier:
-        tree |= frontier
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - tree
-    return sum(ticks.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
+    """Busy CPU seconds of the whole machine (/proc/stat: user, nice, system, irq, softirq), so Ray's
+    workers count however they exit (summing a process tree lost workers that exited unreaped
+    during the next variant). Meaningful on an otherwise idle machine, as every figure here is."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def compare(args, tmp: Path, names: list[str]) -> dict:
@@ -408,7 +397,7 @@ def print_table(result: dict) -> None:
     if v:
         print(f"\nload average at start: {result['load_avg']:.1f} on {result['cores']} cores")
         print("| pipeline | img/s (wall) | median s | runs (s) | start-up s | img/s without start-up | "
-              "CPU s/img (all processes) |\n|---|---:|---:|---|---:|---:|---:|")
+              "CPU s/img (whole machine) |\n|---|---:|---:|---|---:|---:|---:|")
         for name, r in v.items():
             cpu = f"{r['cpu_s_per_img']:.3f}"
             startup = f"{r['startup_s']:.1f} | {r['steady_img_s']:.1f}" if name in ON_RAY else "- | -"
