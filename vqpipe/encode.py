@@ -126,7 +126,7 @@ class TokenEncoder:
         if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
             raise ValueError(f"expected (B, R, R, 3) uint8 pixels, got {pixels.dtype} {pixels.shape}")
         x = self._to_device(pixels)
-        codes, latents = self._encode_with_oom_guard(x)
+        codes, latents = self.encode_tensor(x)
         finite = torch.isfinite(latents).flatten(1).all(dim=1)
         amp_fallback = False
         if self.autocast_dtype is not None and not bool(finite.all()):
@@ -153,6 +153,11 @@ class TokenEncoder:
             return self.batch_size
         return cpu_micro_batch(self.batch_size, self.model.config.block_out_channels[0], height, width,
                                cache_per_stream(self.streams, self._cache))
+
+    def encode_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled images already on the device -> ``(codes, latents)``, as a batch is run: in
+        passes, on streams, with the out-of-memory guard (no NaN check)."""
+        return self._encode_with_oom_guard(x)
 
     def _encode_with_oom_guard(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         step = self.forward_batch(*x.shape[-2:])
