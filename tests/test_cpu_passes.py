@@ -96,3 +96,21 @@ def test_auto_passes_are_cache_sized_on_cpu(model):
     assert encoder.forward_batch(8, 8) == 16  # tiny images: one pass
     capped = TokenEncoder(model, torch.device("cpu"), "fp32", False, 4, (-1.0, 1.0), micro_batch=32)
     assert capped.forward_batch(8, 8) == 4  # never more than the batch
+
+
+def test_auto_streams_follow_the_callers_threads_and_are_kept(model):
+    before = torch.get_num_threads()
+    pixels = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    encoder = TokenEncoder(model, torch.device("cpu"), "fp32", False, 8, (-1.0, 1.0), micro_batch=2)
+    try:
+        torch.set_num_threads(2)
+        first = encoder(pixels)
+        pool = encoder._streams
+        assert pool is not None and pool.streams == 2
+        second = encoder(pixels)  # the stream threads (1 torch thread each) must not rebuild the pool
+        assert encoder._streams is pool
+        np.testing.assert_array_equal(first.codes, second.codes)
+        torch.set_num_threads(1)
+        assert encoder.streams == 1  # one thread given: the passes run on the caller
+    finally:
+        torch.set_num_threads(before)

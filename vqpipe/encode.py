@@ -157,27 +157,29 @@ class TokenEncoder:
     def encode_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled images already on the device -> ``(codes, latents)``, as a batch is run: in
         passes, on streams, with the out-of-memory guard (no NaN check)."""
-        return self._encode_with_oom_guard(x)
-
-    def _encode_with_oom_guard(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Pass size and streams are settled here, on the caller's thread: a stream thread has one
+        # torch thread of its own and would see a different machine.
         step = self.forward_batch(*x.shape[-2:])
-        if x.shape[0] > step:
-            streams = self._current_streams()
-            run = streams.map if streams else lambda fn, items: [fn(i) for i in items]
-            parts = run(self._encode_with_oom_guard, x.split(step))
-            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        if x.shape[0] <= step:
+            return self._encode_pass(x, step)
+        streams = self._current_streams()
+        run = streams.map if streams else lambda fn, items: [fn(item) for item in items]
+        parts = run(lambda part: self._encode_pass(part, step), x.split(step))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _encode_pass(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         try:
-            return self._encode_padded(x)
+            return self._encode_padded(x, step)
         except torch.OutOfMemoryError:
             if x.shape[0] == 1:
                 raise
             torch.cuda.empty_cache()
             self.batch_size = max(1, x.shape[0] // 2)
             log.warning("CUDA out of memory at batch %d: halving the batch size to %d", x.shape[0], self.batch_size)
-            return self._encode_with_oom_guard(x)
+            return self.encode_tensor(x)
 
-    def _encode_padded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, step = x.shape[0], self.forward_batch(*x.shape[-2:])
+    def _encode_padded(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
         if not self.compiled or n >= step:
             return self._tokenize(x, autocast_dtype=self.autocast_dtype)
         pad = x[-1:].expand(step - n, *x.shape[1:])
