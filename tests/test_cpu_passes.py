@@ -114,3 +114,10 @@ def test_auto_streams_follow_the_callers_threads_and_are_kept(model):
         assert encoder.streams == 1  # one thread given: the passes run on the caller
     finally:
         torch.set_num_threads(before)
+
+
+def test_describe_says_how_a_batch_runs(model):
+    encoder = TokenEncoder(model, torch.device("cpu"), "fp32", False, 8, (-1.0, 1.0), micro_batch=2, streams=2)
+    assert encoder.describe(32) == "batch 8 in passes of 2 on 2 single-threaded streams"
+    whole = TokenEncoder(model, torch.device("cpu"), "fp32", False, 8, (-1.0, 1.0), micro_batch=8, streams=1)
+    assert whole.describe(32) == "batch 8 in one pass"

@@ -57,6 +57,8 @@ def test_workers_pinned_to_distinct_fake_gpus(tmp_path, tiny_model_path, ray_clu
     ids = [tuple(info["gpu_ids"]) for info in infos]
     assert all(len(i) == 1 for i in ids) and ids[0] != ids[1]
     assert {info["device"] for info in infos} == {"cpu"}  # no CUDA here: the model runs on the CPU
+    assert all(info["batches"].startswith(f"batch {config.model.batch_size} in ") for info in infos)
+    assert not any("streams" in info["batches"] for info in infos)  # num_cpus=1: one torch thread, no streams
     for w in workers:
         ray_cluster.kill(w)
 

@@ -48,10 +48,12 @@ class ShardWorker:
         self.pool = ThreadPoolExecutor(config.ray.cpus_per_worker if workers == "auto" else workers,
                                        thread_name_prefix="vqpipe-decode")
         self.current: tuple[str, int, float] | None = None
+        self.resolution = config.preprocess.resolution
 
     def ready(self) -> dict:
         return {"node": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": str(self.encoder.device)}
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": str(self.encoder.device),
+                "batches": self.encoder.describe(self.resolution)}
 
     def process(self, url: str, stem: str) -> ShardResult:
         self.current = (stem, 0, time.time())
@@ -203,8 +205,8 @@ class Driver:
         index = self.restarting.pop(ref)
         try:
             info = ray.get(ref)
-            log.info("worker %d ready on %s (device %s, GPU ids %s)", index, info["node"], info["device"],
-                     info["gpu_ids"])
+            log.info("worker %d ready on %s (device %s, GPU ids %s, %s)", index, info["node"], info["device"],
+                     info["gpu_ids"], info["batches"])
             self.idle.append(index)
         except RayActorError:
             # Still restarting (Ray answers ActorUnavailableError meanwhile): ask again shortly.
