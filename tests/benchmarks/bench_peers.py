@@ -9,8 +9,9 @@ Variants, each writing Parquet for every shard:
 * naive: ``diffusers.VQModel`` fp32 eager, ``webdataset.WebDataset(url)`` with PIL decode, resize
   and crop in the main process, one batch at a time, ``pandas.DataFrame.to_parquet`` per shard.
 * vqpipe in-process: ``process_shard`` per shard sized as a CPU-only worker of configs/demo.yaml
-  (``ray.cpus_per_worker`` = all cores: that many decode threads, torch on every core). Model
-  loaded and warm before the clock, as for naive.
+  (``ray.cpus_per_worker`` = all cores: that many decode threads, torch on every core, which
+  ``TokenEncoder`` runs as one single-threaded stream per core). Model loaded and warm before the
+  clock, as for naive.
 * vqpipe compiled: the same with ``model.compile: true`` (inductor, weights frozen), compiled
   before the clock.
 * Ray Data: ``read_webdataset`` (default decoder: full JPEG decode in the read tasks) ->
