@@ -49,6 +49,7 @@ def test_dotted_overrides(tmp_path):
     ("model.precision=fp8", "model.precision = 'fp8'; choose one of"),
     ("model.batch_size=0", "model.batch_size must be >= 1"),
     ("model.micro_batch=0", "model.micro_batch must be >= 1 or auto"),
+    ("preprocess.max_pixels=0", "preprocess.max_pixels must be >= 1 or unset"),
     ("preprocess.value_range=[1, 0]", "preprocess.value_range"),
     ("ray.num_workers=many", "ray.num_workers"),
     ("input.image_keys=[]", "input.image_keys must not be empty"),

@@ -171,3 +171,15 @@ def test_to_model_input_layout_and_range():
     assert to_model_input(batch, (0.0, 1.0))[0, 2, 1, 2] == 1.0
     with pytest.raises(ValueError):
         to_model_input(batch.astype(np.float32), (0.0, 1.0))
+
+
+def test_max_pixels_rejects_from_the_header_before_decoding():
+    # 8000 x 10000 = 80 MP, under Pillow's bomb limit, in 10 KB: decoding it would take 240 MB.
+    claims_80mp = sf.bomb_png(8_000, 10_000)
+    assert len(claims_80mp) < 16_000
+    out = run({"png": claims_80mp}, max_pixels=50_000_000)
+    assert isinstance(out, Failure) and out.reason == "too_large" and "max_pixels" in out.message
+    # the limit is on pixels, so a real photo under it still goes through
+    photo = sf.png_bytes(sf.photo("astronaut", (300, 200)))
+    assert ok({"png": photo}, max_pixels=300 * 200).pixels.shape == (R, R, 3)
+    assert run({"png": photo}, max_pixels=300 * 200 - 1).reason == "too_large"

@@ -140,3 +140,19 @@ def test_memory_filesystem_round_trip(tmp_path, tiny_model_path, pool):
         table = pq.read_table(f)
     assert "latents" not in table.column_names and fixed_list_to_numpy(table.column("codes")).shape == (2, 32, 32)
     assert committed_stems("memory://out-rt", {}) == {"mem"}
+
+
+def test_max_pixels_skips_oversized_images_with_their_reason(tmp_path, tiny_model_path, pool):
+    members = [("small.png", sf.png_bytes(sf.photo("coffee", (64, 48)))),
+               ("claims80mp.png", sf.bomb_png(8_000, 10_000)),
+               ("large.png", sf.png_bytes(sf.photo("rocket", (400, 300))))]
+    shard = sf.write_tar(tmp_path / "sizes.tar", members)
+    model = load_model(ModelConfig(path=tiny_model_path))
+    encoder = TokenEncoder(model, torch.device("cpu"), "fp32", False, 4, (-1.0, 1.0))
+    job = make_job(InputConfig(urls=("x",)), PreprocessConfig(resolution=32, max_pixels=100_000),
+                   OutputConfig(path=str(tmp_path / "out")), model, "fp32")
+    result = process_shard(str(shard), "sizes", job, encoder, pool)
+    assert result.committed and result.rows == 1
+    assert sorted((f["key"], f["reason"]) for f in result.failures) == [("claims80mp", "too_large"),
+                                                                      ("large", "too_large")]
+    assert pq.read_table(tmp_path / "out" / "sizes.parquet").column("key").to_pylist() == ["small"]

@@ -295,7 +295,7 @@ def bench_samples(config: RunConfig, n: int, jpeg_size: tuple[int, int] | None) 
 
 def _preprocess(sample: Sample, config: RunConfig):
     cfg = config.preprocess
-    return preprocess(sample, config.input.image_keys, cfg.resolution, cfg.min_size)
+    return preprocess(sample, config.input.image_keys, cfg.resolution, cfg.min_size, max_pixels=cfg.max_pixels)
 
 
 def _as_jpeg(sample: Sample, config: RunConfig, size: tuple[int, int]) -> Sample:

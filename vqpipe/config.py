@@ -41,6 +41,9 @@ class InputConfig:
 class PreprocessConfig:
     resolution: int = _f(256, doc="square side fed to the model (shorter side resized, then center-cropped)")
     min_size: int = _f(0, doc="skip images whose shorter side is smaller (reason too_small)")
+    max_pixels: Union[int, None] = _f(
+        None, doc="skip images with more pixels, read from the header before decoding (reason too_large); "
+                  "unset = Pillow's bomb limit only (~89 MP)")
     value_range: tuple[float, float] = _f((-1.0, 1.0), doc="pixel range the model expects: [-1, 1] or [0, 1]")
     decode_workers: Union[int, Literal["auto"]] = _f(
         "auto", doc="image-decoding threads per worker; auto = the worker's CPUs (ray.cpus_per_worker)")
@@ -243,6 +246,8 @@ def semantic_checks(config: RunConfig) -> None:
     checks = [
         (config.preprocess.resolution >= 8, "preprocess.resolution must be >= 8"),
         (config.preprocess.min_size >= 0, "preprocess.min_size must be >= 0"),
+        (config.preprocess.max_pixels is None or config.preprocess.max_pixels >= 1,
+         "preprocess.max_pixels must be >= 1 or unset"),
         (config.preprocess.value_range[0] < config.preprocess.value_range[1],
          "preprocess.value_range must be [low, high] with low < high"),
         (config.preprocess.decode_workers == "auto" or config.preprocess.decode_workers >= 1,

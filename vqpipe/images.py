@@ -56,6 +56,7 @@ def preprocess(
     resolution: int = 256,
     min_size: int = 0,
     draft: bool = True,
+    max_pixels: int | None = None,
 ) -> Preprocessed | Failure:
     """Decode and resize the first present field of ``image_keys``.
 
@@ -63,7 +64,9 @@ def preprocess(
     off JPEG DCT scaling (for comparisons; full decodes are 2-4x slower on 1-3 MP photos).
     Caption is the ``txt`` field decoded as UTF-8 with replacement characters; metadata is
     the ``json`` field's text if it parses as JSON, else None (bad metadata never fails a
-    sample -- the image is what we tokenize).
+    sample -- the image is what we tokenize). ``max_pixels`` rejects larger images from their
+    header, before any pixel is decoded (reason ``too_large``); Pillow's own bomb limit (~89 MP)
+    always applies.
     """
     field = next((k for k in image_keys if k in sample.fields), None)
     if field is None:
@@ -72,7 +75,7 @@ def preprocess(
     if not data:
         return Failure(sample.key, "empty", f"field {field!r} is empty")
     try:
-        img, width, height, scale = _decode(data, resolution, min_size, draft)
+        img, width, height, scale = _decode(data, resolution, min_size, draft, max_pixels)
     except Rejected as e:
         return Failure(sample.key, e.reason, str(e))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -83,7 +86,8 @@ def preprocess(
     return Preprocessed(sample.key, pixels, width, height, _caption(sample), _metadata(sample))
 
 
-def _decode(data: bytes, resolution: int, min_size: int, draft: bool) -> tuple[Image.Image, int, int, int]:
+def _decode(data: bytes, resolution: int, min_size: int, draft: bool,
+            max_pixels: int | None = None) -> tuple[Image.Image, int, int, int]:
     """Oriented RGB image, the oriented original size, and the DCT downscale factor."""
     with warnings.catch_warnings():
         # Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS; we want both as failures.
@@ -94,6 +98,10 @@ def _decode(data: bytes, resolution: int, min_size: int, draft: bool) -> tuple[I
         # Backstop: the warnings filter above is process-global, so a decode in another
         # thread can restore the default filter while this one is opening.
         raise Rejected("too_large", f"{width}x{height} exceeds {Image.MAX_IMAGE_PIXELS} pixels")
+    if max_pixels is not None and width * height > max_pixels:
+        # A PNG or WebP is decoded in full (JPEG draft mode does not apply): 80 MP is 240 MB of RGB
+        # per decode thread, from a file that can be a few hundred bytes.
+        raise Rejected("too_large", f"{width}x{height} exceeds preprocess.max_pixels {max_pixels}")
     if min(width, height) < min_size:
         raise Rejected("too_small", f"{width}x{height} is below min_size {min_size}")
     if img.getexif().get(0x0112) in _ROTATES_90:

@@ -21,7 +21,7 @@ MANIFEST = "_vqpipe/run.json"
 FAILED_DIR = "_vqpipe/failed"
 # Manifest entries that must match for two runs to write into one output folder.
 COMPATIBILITY_KEYS = ("weights_sha256", "scaling_factor", "codes_shape", "latent_shape", "latent_dtype",
-                      "resolution", "value_range", "image_keys", "min_size", "codes", "latents")
+                      "resolution", "value_range", "image_keys", "min_size", "max_pixels", "codes", "latents")
 
 
 @dataclass
@@ -56,7 +56,8 @@ def fingerprint(metadata: dict, config: RunConfig) -> dict:
     return {
         **{k: metadata[k] for k in ("weights_sha256", "scaling_factor", "codes_shape", "latent_shape",
                                     "latent_dtype", "resolution", "value_range", "image_keys")},
-        "min_size": config.preprocess.min_size, "codes": config.output.codes, "latents": config.output.latents,
+        "min_size": config.preprocess.min_size, "max_pixels": config.preprocess.max_pixels,
+        "codes": config.output.codes, "latents": config.output.latents,
     }
 
 

@@ -125,7 +125,7 @@ def process_shard(url: str, stem: str, job: ShardJob, encoder: TokenEncoder, poo
 
 def _timed_preprocess(cfg: PreprocessConfig, image_keys, sample: Sample) -> tuple[Preprocessed | Failure, float]:
     started = time.perf_counter()
-    result = preprocess(sample, image_keys, cfg.resolution, cfg.min_size)
+    result = preprocess(sample, image_keys, cfg.resolution, cfg.min_size, max_pixels=cfg.max_pixels)
     return result, time.perf_counter() - started
 
 
