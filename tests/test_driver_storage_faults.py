@@ -1,5 +1,5 @@
-"""The driver's own storage calls (planning, manifests, failure records, markers, inspect) under transient
-faults: every answer must be the true one, never "absent" because a connection dropped.
+"""The driver's own storage calls (planning, manifests, failure records, markers, inspect) under
+transient faults: every answer must be the true one, never "absent" because a connection dropped.
 
 ``faulty://`` over ``memory://`` fails 30% of listings, reads and writes; a failed write may have
 reached the store. No Ray here: these are the calls the driver makes before and between shards.

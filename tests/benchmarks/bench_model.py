@@ -119,7 +119,8 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(0))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.resolution}px, batch {args.batch}\n")
     for name, config in models(args.models).items():
-        rates = time_variants(variants(config, not args.no_bf16, tuple(args.micro_batches), args.streams), x, args.repeats)
+        fns = variants(config, not args.no_bf16, tuple(args.micro_batches), args.streams)
+        rates = time_variants(fns, x, args.repeats)
         base = rates["diffusers eager fp32"]
         print(f"| {name} | img/s | vs diffusers |\n|---|---|---|")
         for variant, rate in rates.items():
