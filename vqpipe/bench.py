@@ -76,7 +76,7 @@ class Setup:
     repeats: int
     images: str  # where the benchmark images came from
     load_avg: float  # 1-minute load average at the start: above `cores`, other jobs share the CPUs
-    cpu_passes: str | None = None  # how a CPU encoder runs a batch ("passes of 4 on 2 streams")
+    cpu_passes: str | None = None  # how a CPU encoder runs a batch (TokenEncoder.describe)
 
 
 @dataclass
@@ -242,7 +242,7 @@ def _cpu_passes(encoder: TokenEncoder, resolution: int, torch_threads: int) -> s
     before = torch.get_num_threads()
     torch.set_num_threads(torch_threads)  # the encoder runs a stream per torch thread of its caller
     try:
-        return f"passes of {encoder.forward_batch(resolution, resolution)} on {encoder.streams} stream(s)"
+        return encoder.describe(resolution)
     finally:
         torch.set_num_threads(before)
 

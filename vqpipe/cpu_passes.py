@@ -11,11 +11,9 @@ Two things make a CPU slow on a batch that a GPU would take in one pass:
   end in a barrier that waits for the slowest thread, and a decode thread that takes a core
   stalls all of them. Streams -- one torch thread each, each running whole passes -- have no
   barriers: 42.5 img/s for passes of 2 on 2 streams vs 38.6 for the same passes one at a time on
-  2 threads. In the pipeline, beside 2 decode threads, the gap was larger: 34-39 img/s on
-  streams vs 28.6 for passes of 4 one at a time.
+  2 threads.
 
-(``tests/benchmarks/bench_model.py --resolution 128 --micro-batches 4 2 --streams`` and
-``tests/benchmarks/bench_peers.py``.) On a GPU the whole batch goes in one pass, as configured.
+(``tests/benchmarks/bench_model.py --resolution 128 --micro-batches 4 2 --streams``.) On a GPU the whole batch goes in one pass, as configured.
 """
 
 from __future__ import annotations

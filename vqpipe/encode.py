@@ -98,7 +98,8 @@ class TokenEncoder:
         self.amp_fallback_batches = 0
         self._fixed_streams = None if streams == "auto" else int(streams)
         self._streams: Streams | None = None
-        self._streams_for = 1  # the stream count _streams was made for (None when that failed)
+        # The stream count _streams was made for; _streams stays None for 1, or if torch refused.
+        self._streams_for = 1
         self._cache = last_level_cache() if device.type == "cpu" else None
 
     def _current_streams(self) -> Streams | None:
@@ -147,31 +148,34 @@ class TokenEncoder:
 
     def forward_batch(self, height: int, width: int) -> int:
         """Images per forward pass for inputs of this size."""
+        return self._plan(height, width)[0]
+
+    def _plan(self, height: int, width: int) -> tuple[int, Streams | None]:
+        """Pass size and streams for this caller (on its thread: a stream thread has one torch
+        thread of its own and would see a different machine)."""
+        streams = self._current_streams()
         if isinstance(self.micro_batch, int):
-            return min(self.micro_batch, self.batch_size)
+            return min(self.micro_batch, self.batch_size), streams
         if self.device.type != "cpu":
-            return self.batch_size
-        return cpu_micro_batch(self.batch_size, self.model.config.block_out_channels[0], height, width,
-                               cache_per_stream(self.streams, self._cache))
+            return self.batch_size, streams
+        cache = cache_per_stream(streams.streams if streams else 1, self._cache)
+        return cpu_micro_batch(self.batch_size, self.model.config.block_out_channels[0], height, width, cache), streams
 
     def describe(self, resolution: int) -> str:
         """How a batch of ``resolution`` px images runs, for logs: ``batch 16 in passes of 2 on 2
         streams`` on a CPU."""
-        step = self.forward_batch(resolution, resolution)
+        step, streams = self._plan(resolution, resolution)
         if step >= self.batch_size:
             return f"batch {self.batch_size} in one pass"
-        streams = f" on {self.streams} single-threaded streams" if self.streams > 1 else ""
-        return f"batch {self.batch_size} in passes of {step}{streams}"
+        on = f" on {streams.streams} single-threaded streams" if streams else ""
+        return f"batch {self.batch_size} in passes of {step}{on}"
 
     def encode_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled images already on the device -> ``(codes, latents)``, as a batch is run: in
         passes, on streams, with the out-of-memory guard (no NaN check)."""
-        # Pass size and streams are settled here, on the caller's thread: a stream thread has one
-        # torch thread of its own and would see a different machine.
-        step = self.forward_batch(*x.shape[-2:])
+        step, streams = self._plan(*x.shape[-2:])
         if x.shape[0] <= step:
             return self._encode_pass(x, step)
-        streams = self._current_streams()
         run = streams.map if streams else lambda fn, items: [fn(item) for item in items]
         parts = run(lambda part: self._encode_pass(part, step), x.split(step))
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
