@@ -67,7 +67,7 @@ bench() {  # bench NAME TIMEOUT_S ARGS...
   local name="$1" limit="$2"
   shift 2
   echo "== $name (timeout ${limit}s)"
-  if ! timeout "$limit" python -c 'import sys; from vqpipe.bench import main; sys.exit(main(sys.argv[1:]))' \
+  if ! timeout "$limit" python -c 'import sys; from vqpipe.bench.cli import main; sys.exit(main(sys.argv[1:]))' \
       "$@" --jpeg-size "$JPEG_SIZE" --json "$HISTORY" 2>&1 | tee "$DEST/$name.log"; then
     echo "gpu_bench.sh: $name failed or timed out" | tee -a "$DEST/$name.log"
     FAILED=1

@@ -33,7 +33,7 @@ def ray_cluster():
     (torch sees no CUDA device). Started once: ray.init costs seconds here."""
     import ray
 
-    from vqpipe.driver import start_embedded_ray
+    from vqpipe.run.driver import start_embedded_ray
 
     start_embedded_ray(num_cpus=4, num_gpus=2)
     yield ray

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vqpipe.bench import main, peak_device
+from vqpipe.bench.cli import main
+from vqpipe.bench.report import peak_device
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("img_s", "fp32_eager_img_s", "flops_per_image", "achieved_tflops")
@@ -64,6 +65,6 @@ def test_peak_table_matches_whole_device_words(name, key):
 
 
 def test_bench_module_does_not_import_ray():
-    code = "import sys, vqpipe.bench; print('ray' in sys.modules)"
+    code = "import sys, vqpipe.bench.measure; print('ray' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"

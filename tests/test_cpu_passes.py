@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from vqpipe import VQModel
-from vqpipe.cpu_passes import (FALLBACK_CACHE_BYTES, Streams, cache_per_stream, cpu_micro_batch,
+from vqpipe.encode.cpu_passes import (FALLBACK_CACHE_BYTES, Streams, cache_per_stream, cpu_micro_batch,
                                last_level_cache)
-from vqpipe.encode import TokenEncoder
+from vqpipe.encode.encoder import TokenEncoder
 
 MiB = 2**20
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from vqpipe import sink
-from vqpipe.dataset import TokenDataset, shuffled
-from vqpipe.sink import ShardWriter, TokenLayout
+from vqpipe.output import sink
+from vqpipe.read.dataset import TokenDataset, shuffled
+from vqpipe.output.sink import ShardWriter, TokenLayout
 
 LAYOUT = TokenLayout(codes_shape=(2, 3), latent_shape=(2, 2, 3), codebook_size=50, write_latents=True)
 ROWS_PER_FILE = 10

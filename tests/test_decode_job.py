@@ -15,12 +15,14 @@ import pytest
 import torch
 
 from runfiles import make_shards, write_config
-from vqpipe import VQModel, cli, sink, verify
-from vqpipe.arrays import fixed_list_to_numpy, to_fixed_list_array
-from vqpipe.images import preprocess
-from vqpipe.io import sample_rows
-from vqpipe.shards import iter_samples
-from vqpipe.sink import ShardWriter, TokenLayout
+from vqpipe import VQModel, cli
+from vqpipe.output import sink
+from vqpipe.read import decode_job
+from vqpipe.output.arrays import fixed_list_to_numpy, to_fixed_list_array
+from vqpipe.input.images import preprocess
+from vqpipe.read.tokens import sample_rows
+from vqpipe.input.shards import iter_samples
+from vqpipe.output.sink import ShardWriter, TokenLayout
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -221,14 +223,14 @@ def test_code_range_check_reads_only_suspect_row_groups(tmp_path, monkeypatch):
                          [None] * rows, np.ones(rows), np.ones(rows))
         writer.commit({})
     sampled = sample_rows(str(tmp_path), {}, 1, seed=0)
-    original, read = verify._keys_with_codes_over, []
+    original, read = decode_job._keys_with_codes_over, []
 
     def spy(fs, path, group, codebook):
         read.append(group)
         return original(fs, path, group, codebook)
 
-    monkeypatch.setattr(verify, "_keys_with_codes_over", spy)
-    problems = verify._code_range_problems(sampled, 99)
+    monkeypatch.setattr(decode_job, "_keys_with_codes_over", spy)
+    problems = decode_job._code_range_problems(sampled, 99)
     assert problems == [f"code 99 outside the codebook of 99: {tmp_path / 'a.parquet'}: key k6"]
     assert read == [1]  # the other row groups' statistics cleared them; the empty file has no rows
 

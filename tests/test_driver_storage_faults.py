@@ -15,11 +15,17 @@ import pytest
 import yaml
 
 import faultyfs
-from vqpipe import plan, retry, storage
+from vqpipe.output import folder
+from vqpipe.run import plan
+from vqpipe.output.layout import FAILED_DIR, MANIFEST
+from vqpipe.run.manifest import read_manifest
+from vqpipe.output import retry
+from vqpipe.output import storage
 from vqpipe.config import load_config
-from vqpipe.sink import committed_stems, marker_path, read_marker
-from vqpipe.stats import inspect_output
-from vqpipe.urls import expand_urls
+from vqpipe.output.layout import marker_path
+from vqpipe.output.sink import committed_stems, read_marker
+from vqpipe.read.inspect import inspect_output
+from vqpipe.input.urls import expand_urls
 
 # One cached filesystem instance for all calls, so its fault generator runs on instead of restarting.
 FAULTS = {"target_protocol": "memory", "rate": 0.3, "seed": 11}
@@ -74,12 +80,12 @@ def test_manifest_and_failure_records_round_trip_despite_faults(tmp_path, prefix
     config = _config(tmp_path, prefix, f"faulty://{prefix}/in/shard-00000.tar")
     for i in range(10):
         manifest = {"fingerprint": {"resolution": i}}
-        plan.write_json(config, plan.MANIFEST, manifest)
-        assert plan.read_manifest(config) == manifest
-        plan.write_json(config, f"{plan.FAILED_DIR}/s{i}.json", {"error": "x"})
-        plan.remove_json(config, f"{plan.FAILED_DIR}/s{i}.json")
-        assert not fsspec.filesystem("memory").exists(f"{prefix}/out/{plan.FAILED_DIR}/s{i}.json")
-    plan.remove_json(config, f"{plan.FAILED_DIR}/never-written.json")  # absent is not an error
+        folder.write_json(config, MANIFEST, manifest)
+        assert read_manifest(config) == manifest
+        folder.write_json(config, f"{FAILED_DIR}/s{i}.json", {"error": "x"})
+        folder.remove_json(config, f"{FAILED_DIR}/s{i}.json")
+        assert not fsspec.filesystem("memory").exists(f"{prefix}/out/{FAILED_DIR}/s{i}.json")
+    folder.remove_json(config, f"{FAILED_DIR}/never-written.json")  # absent is not an error
 
 
 def test_markers_read_and_overwrite_clears_despite_faults(tmp_path, prefix):
@@ -89,7 +95,7 @@ def test_markers_read_and_overwrite_clears_despite_faults(tmp_path, prefix):
         assert committed_stems(out, FAULTS) == {"shard-00001", "shard-00002", "shard-00005"}
         assert read_marker(out, "shard-00002", FAULTS) == {"rows": 2}
         assert read_marker(out, "shard-00003", FAULTS) is None
-    plan.remove_output(_config(tmp_path, prefix, f"faulty://{prefix}/in/shard-00000.tar"))
+    folder.remove_output(_config(tmp_path, prefix, f"faulty://{prefix}/in/shard-00000.tar"))
     memory = fsspec.filesystem("memory")
     assert memory.find(f"{prefix}/out") == []
 
@@ -117,7 +123,7 @@ def test_inspect_counts_every_marker_and_failure_record_despite_faults(prefix):
         memory.pipe_file(marker_path(f"{prefix}/out", f"shard-{i:05d}"),
                          json.dumps({"rows": 3, "failures_by_reason": {"decode_error": 1}}).encode())
     for i in (7, 8):
-        memory.pipe_file(f"{prefix}/out/{plan.FAILED_DIR}/shard-{i:05d}.json",
+        memory.pipe_file(f"{prefix}/out/{FAILED_DIR}/shard-{i:05d}.json",
                          json.dumps({"error": "truncated tar", "attempts": 3}).encode())
     before = sum(faultyfs.FaultyFileSystem.injected.values())
     for _ in range(5):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vqpipe import VQModel
-from vqpipe.encode import TokenEncoder
+from vqpipe.encode.encoder import TokenEncoder
 
 CONFIG = dict(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
               up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, num_vq_embeddings=64)

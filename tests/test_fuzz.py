@@ -45,11 +45,12 @@ from PIL import Image
 
 import shardfactory as sf
 from vqpipe.config import InputConfig, ModelConfig, OutputConfig, PreprocessConfig
-from vqpipe.encode import TokenEncoder, load_model
-from vqpipe.images import preprocess
+from vqpipe.encode.encoder import TokenEncoder
+from vqpipe.model.loading import load_model
+from vqpipe.input.images import preprocess
 from vqpipe.records import Failure, FailureReason, Preprocessed, Sample, ShardError, ShardErrorReason
-from vqpipe.shard_job import make_job, process_shard
-from vqpipe.shards import iter_samples
+from vqpipe.run.shard_job import make_settings, process_shard
+from vqpipe.input.shards import iter_samples
 
 RESOLUTION = 32
 # Per example. A real hang runs for ever; the slack is for a CI runner whose 2 cores are shared.
@@ -412,7 +413,7 @@ def test_hostile_extras_commit_through_process_shard(tmp_path, tiny_model_path):
     path.write_bytes(tar_with(members))
     model = load_model(ModelConfig(path=tiny_model_path))
     encoder = TokenEncoder(model, torch.device("cpu"), "fp32", False, 8, (-1.0, 1.0))
-    job = make_job(InputConfig(urls=("x",)), PreprocessConfig(resolution=sf.HOSTILE_RESOLUTION,
+    job = make_settings(InputConfig(urls=("x",)), PreprocessConfig(resolution=sf.HOSTILE_RESOLUTION,
                                                               min_size=sf.HOSTILE_MIN_SIZE),
                    OutputConfig(path=str(tmp_path / "out")), model, "fp32")
     with ThreadPoolExecutor(2) as pool:

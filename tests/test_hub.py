@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vqpipe import VQModel, cli, hub
+from vqpipe import VQModel, cli
+from vqpipe.model import hub
 from vqpipe.config import ConfigError, ModelConfig, load_config
-from vqpipe.encode import load_model, resolve_model_path
+from vqpipe.model.loading import load_model, resolve_model_path
 
 pytest.importorskip("huggingface_hub")
 

@@ -6,9 +6,9 @@ import skimage.data
 from PIL import Image
 
 import shardfactory as sf
-from vqpipe.images import Rejected, preprocess, to_model_input, to_rgb
+from vqpipe.input.images import Rejected, preprocess, to_rgb
 from vqpipe.records import Failure, Preprocessed, Sample
-from vqpipe.shards import iter_samples
+from vqpipe.input.shards import iter_samples
 
 R = sf.HOSTILE_RESOLUTION
 
@@ -160,17 +160,6 @@ def test_image_key_order():
 def test_programmer_errors_are_not_swallowed():
     with pytest.raises(TypeError):
         run({"jpg": "not bytes"})  # type: ignore[dict-item]
-
-
-def test_to_model_input_layout_and_range():
-    batch = np.zeros((2, 4, 4, 3), np.uint8)
-    batch[0, 1, 2] = [0, 128, 255]
-    out = to_model_input(batch, (-1.0, 1.0))
-    assert out.shape == (2, 3, 4, 4) and out.dtype == np.float32 and out.flags.c_contiguous
-    assert out[0, :, 1, 2].tolist() == [-1.0, pytest.approx(128 / 127.5 - 1, abs=1e-6), 1.0]
-    assert to_model_input(batch, (0.0, 1.0))[0, 2, 1, 2] == 1.0
-    with pytest.raises(ValueError):
-        to_model_input(batch.astype(np.float32), (0.0, 1.0))
 
 
 def test_max_pixels_rejects_from_the_header_before_decoding():

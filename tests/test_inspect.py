@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from runfiles import make_shards, write_config
-from vqpipe import cli, sink
-from vqpipe.arrays import fixed_list_to_numpy
-from vqpipe.sink import ShardWriter, TokenLayout
-from vqpipe.stats import ChannelMoments, inspect_output, perplexity
+from vqpipe import cli
+from vqpipe.output import sink
+from vqpipe.output.arrays import fixed_list_to_numpy
+from vqpipe.output.sink import ShardWriter, TokenLayout
+from vqpipe.read.inspect import ChannelMoments, inspect_output, perplexity
 
 
 @pytest.fixture(scope="module")

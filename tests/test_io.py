@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from vqpipe import sink
-from vqpipe.io import codes_array, data_file_sizes, latents_array, read_tokens, sample_rows, token_metadata
-from vqpipe.sink import ShardWriter, TokenLayout
+from vqpipe.output import sink
+from vqpipe.read.tokens import codes_array, data_file_sizes, latents_array, read_tokens, sample_rows, token_metadata
+from vqpipe.output.sink import ShardWriter, TokenLayout
 
 LAYOUT = TokenLayout(codes_shape=(3, 2), latent_shape=(2, 3, 2), codebook_size=1000, write_latents=True)
 

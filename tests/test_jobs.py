@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vqpipe import hub
+from vqpipe.model import hub
 from vqpipe.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

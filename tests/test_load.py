@@ -22,10 +22,12 @@ import torch
 
 import shardfactory as sf
 from runfiles import write_config, written_keys
-from vqpipe import cli, shard_job
+from vqpipe import cli
+from vqpipe.run import shard_job
 from vqpipe.config import InputConfig, ModelConfig, OutputConfig, PreprocessConfig
-from vqpipe.encode import TokenEncoder, load_model
-from vqpipe.sink import ShardWriter
+from vqpipe.encode.encoder import TokenEncoder
+from vqpipe.model.loading import load_model
+from vqpipe.output.sink import ShardWriter
 
 RESOLUTION = 16  # tiny images keep thousands of samples fast; the bookkeeping is the same
 
@@ -131,7 +133,7 @@ def test_slow_sink_holds_back_reading_and_decoding(tmp_path, tiny_model_path, mo
     monkeypatch.setattr(ShardWriter, "write", slow_write)
     model = load_model(ModelConfig(path=tiny_model_path))
     encoder = TokenEncoder(model, torch.device("cpu"), "fp32", False, batch, (-1.0, 1.0))
-    job = shard_job.make_job(InputConfig(urls=("x",)), PreprocessConfig(resolution=RESOLUTION),
+    job = shard_job.make_settings(InputConfig(urls=("x",)), PreprocessConfig(resolution=RESOLUTION),
                              OutputConfig(path=str(tmp_path / "out")), model, "fp32")
     with ThreadPoolExecutor(2) as pool:
         result = shard_job.process_shard(str(shard), "slow", job, encoder, pool)
@@ -158,7 +160,7 @@ def small_shards(folder: Path, n: int) -> list[str]:
 def run_traced(config: Path, monkeypatch) -> tuple[int, int]:
     """`vqpipe run` with the driver's Python heap traced: (peak, still held when the driver's loop
     ends -- the outcome of every shard included), in bytes above the start."""
-    from vqpipe import driver
+    from vqpipe.run import driver
 
     held = {}
     real_run = driver.Driver.run

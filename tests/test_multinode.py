@@ -85,7 +85,8 @@ def simulate(config: str) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from vqpipe import cli, driver
+    from vqpipe import cli
+    from vqpipe.run import driver
 
     reports: list[dict] = []
     worker_back = driver.Driver._worker_back

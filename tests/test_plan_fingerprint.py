@@ -3,7 +3,7 @@ rerun into the same folder refuse (unless --overwrite); an old manifest without 
 
 import yaml
 
-from vqpipe import plan
+from vqpipe.run import manifest as plan
 from vqpipe.config import load_config
 
 METADATA = {"weights_sha256": "abc", "scaling_factor": 1.0, "codes_shape": [16, 16], "latent_shape": [4, 16, 16],

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from vqpipe.prefetch import PrefetchStats, ordered_parallel_map
+from vqpipe.input.prefetch import PrefetchStats, ordered_parallel_map
 
 
 def test_keeps_order_and_overlaps():

@@ -15,7 +15,7 @@ import pytest
 import shardfactory as sf
 from vqpipe import cli, faults
 from vqpipe.config import load_config
-from vqpipe.driver import ShardWorker, worker_shape
+from vqpipe.run.driver import ShardWorker, worker_shape
 from runfiles import make_shards, write_config, written_keys
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")

@@ -30,13 +30,15 @@ import faultyfs
 import shardfactory as sf
 from s3server import CREDENTIALS, S3Bucket, moto_endpoint, s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
 from runfiles import make_shards, write_config, written_keys
-from vqpipe import cli, faults, retry
-from vqpipe.arrays import fixed_list_to_numpy
+from vqpipe import cli, faults
+from vqpipe.output import retry
+from vqpipe.output.arrays import fixed_list_to_numpy
 from vqpipe.config import InputConfig, ModelConfig, OutputConfig, PreprocessConfig
-from vqpipe.encode import TokenEncoder, load_model
+from vqpipe.encode.encoder import TokenEncoder
+from vqpipe.model.loading import load_model
 from vqpipe.records import ShardError
-from vqpipe.shard_job import make_job, process_shard
-from vqpipe.sink import committed_stems, read_marker
+from vqpipe.run.shard_job import make_settings, process_shard
+from vqpipe.output.sink import committed_stems, read_marker
 
 TESTS = Path(__file__).parent
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -247,7 +249,7 @@ def pool():
 def _job(model_path: str, out: str, options: dict, batch_size: int = 4):
     model = load_model(ModelConfig(path=model_path))
     encoder = TokenEncoder(model, torch.device("cpu"), "fp32", False, batch_size, (-1.0, 1.0))
-    job = make_job(InputConfig(urls=("x",), storage_options=options), PreprocessConfig(resolution=32),
+    job = make_settings(InputConfig(urls=("x",), storage_options=options), PreprocessConfig(resolution=32),
                    OutputConfig(path=out, storage_options=options), model, "fp32")
     return encoder, job
 
@@ -326,7 +328,7 @@ def test_create_only_write_whose_answer_was_lost_still_wins():
         def cat_file(self, path):
             return self.memory.cat_file(path)
 
-    from vqpipe import storage
+    from vqpipe.output import storage
 
     fs = LostAnswer()
     assert storage.write_create_only(fs, "/lost-answer/m.json", b"mine")  # found its own bytes: won

@@ -12,18 +12,19 @@ import torch
 
 import shardfactory as sf
 from vqpipe import faults
-from vqpipe.arrays import fixed_list_to_numpy
+from vqpipe.output.arrays import fixed_list_to_numpy
 from vqpipe.config import InputConfig, ModelConfig, OutputConfig, PreprocessConfig
-from vqpipe.encode import TokenEncoder, load_model
+from vqpipe.encode.encoder import TokenEncoder
+from vqpipe.model.loading import load_model
 from vqpipe.records import ShardError
-from vqpipe.shard_job import make_job, process_shard
-from vqpipe.sink import committed_stems, read_marker
+from vqpipe.run.shard_job import make_settings, process_shard
+from vqpipe.output.sink import committed_stems, read_marker
 
 
 def _setup(model_path, out, resolution=sf.HOSTILE_RESOLUTION, batch_size=4, **output):
     model = load_model(ModelConfig(path=model_path))
     encoder = TokenEncoder(model, torch.device("cpu"), "fp32", False, batch_size, (-1.0, 1.0))
-    job = make_job(InputConfig(urls=("x",)), PreprocessConfig(resolution=resolution, min_size=sf.HOSTILE_MIN_SIZE),
+    job = make_settings(InputConfig(urls=("x",)), PreprocessConfig(resolution=resolution, min_size=sf.HOSTILE_MIN_SIZE),
                    OutputConfig(path=str(out), **output), model, "fp32")
     return model, encoder, job
 
@@ -149,7 +150,7 @@ def test_max_pixels_skips_oversized_images_with_their_reason(tmp_path, tiny_mode
     shard = sf.write_tar(tmp_path / "sizes.tar", members)
     model = load_model(ModelConfig(path=tiny_model_path))
     encoder = TokenEncoder(model, torch.device("cpu"), "fp32", False, 4, (-1.0, 1.0))
-    job = make_job(InputConfig(urls=("x",)), PreprocessConfig(resolution=32, max_pixels=100_000),
+    job = make_settings(InputConfig(urls=("x",)), PreprocessConfig(resolution=32, max_pixels=100_000),
                    OutputConfig(path=str(tmp_path / "out")), model, "fp32")
     result = process_shard(str(shard), "sizes", job, encoder, pool)
     assert result.committed and result.rows == 1

@@ -6,7 +6,7 @@ import pytest
 
 import shardfactory as sf
 from vqpipe.records import Failure, ShardError
-from vqpipe.shards import iter_samples, split_member_name
+from vqpipe.input.shards import iter_samples, split_member_name
 
 
 def read(url, **kwargs):

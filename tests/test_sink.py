@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from s3server import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
-from vqpipe import sink
-from vqpipe.arrays import fixed_list_to_numpy, to_fixed_list_array
-from vqpipe.sink import ShardWriter, TokenLayout, arrow_schema, committed_stems, read_marker
+from vqpipe.output import layout
+from vqpipe.output.arrays import fixed_list_to_numpy, to_fixed_list_array
+from vqpipe.output.sink import ShardWriter, TokenLayout, arrow_schema, committed_stems, read_marker
 
 LAYOUT = TokenLayout(codes_shape=(4, 3), latent_shape=(2, 4, 3), codebook_size=1024, write_latents=True)
 META = {"model": "test-vq", "resolution": 64}
@@ -101,7 +101,7 @@ def test_float16_overflow_raises():
 def test_round_trip_with_pyarrow(output):
     result = write_shard(output, "00000", 2500)
     assert result.committed and result.rows == 2500
-    table = read_table(sink.data_path(output, "00000"))
+    table = read_table(layout.data_path(output, "00000"))
     expected = Rows(0, 2500)
     assert table.column("key").to_pylist() == expected.keys
     assert np.array_equal(fixed_list_to_numpy(table["codes"]), expected.codes)
@@ -114,7 +114,7 @@ def test_round_trip_with_pyarrow(output):
 
 def test_row_groups_and_encodings(output):
     write_shard(output, "00000", 2500)
-    with fsspec.open(sink.data_path(output, "00000"), "rb") as f:
+    with fsspec.open(layout.data_path(output, "00000"), "rb") as f:
         meta = pq.ParquetFile(f).metadata
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [1024, 1024, 452]
     encodings = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i).encodings
@@ -126,7 +126,7 @@ def test_row_groups_and_encodings(output):
 
 def test_other_readers_see_the_shapes(output):
     write_shard(output, "00000", 50)
-    data = fsspec.open(sink.data_path(output, "00000"), "rb").open().read()
+    data = fsspec.open(layout.data_path(output, "00000"), "rb").open().read()
     expected = Rows(0, 50)
     frame = pl.read_parquet(io.BytesIO(data))
     assert frame.schema["codes"] == pl.Array(pl.UInt16, (4, 3))
@@ -177,7 +177,7 @@ def test_failure_mid_write_leaves_nothing_and_retry_commits(output):
     assert not fs.exists(root) or fs.find(root) == []
     assert committed_stems(output, {}) == set()
     result = write_shard(output, "00000", 1500)
-    assert result.committed and read_table(sink.data_path(output, "00000")).num_rows == 1500
+    assert result.committed and read_table(layout.data_path(output, "00000")).num_rows == 1500
 
 
 def test_abort_is_explicit_too(tmp_path):
@@ -193,7 +193,7 @@ def test_abort_is_explicit_too(tmp_path):
 def test_empty_shard_commits_a_valid_file(output):
     result = write_shard(output, "empty", 0)
     assert result.committed and result.rows == 0
-    table = read_table(sink.data_path(output, "empty"))
+    table = read_table(layout.data_path(output, "empty"))
     assert table.num_rows == 0 and table.schema.names == arrow_schema(LAYOUT, META).names
     assert read_marker(output, "empty", {})["rows"] == 0
 
@@ -204,7 +204,7 @@ def test_marker_content_and_listing(output):
     assert committed_stems(output, {}) == {"00000", "00001"}
     marker = read_marker(output, "00000", {})
     assert marker["rows"] == 10 and marker["failures"] == {"decode_error": 2}
-    assert marker["parquet"] == sink.data_path(output, "00000")
+    assert marker["parquet"] == layout.data_path(output, "00000")
     assert marker["source"] == "s3://in/00000.tar" and "committed_at" in marker
     assert read_marker(output, "nope", {}) is None
 
@@ -250,6 +250,6 @@ def test_commit_to_s3(s3_bucket):  # noqa: F811
     assert committed_stems(out, options) == {"00000"}
     keys = [o["Key"] for o in s3_bucket.client.list_objects_v2(Bucket=s3_bucket.name)["Contents"]]
     assert sorted(keys) == ["out/00000.parquet", "out/_vqpipe/shards/00000.json"]
-    with fsspec.open(sink.data_path(out, "00000"), "rb", **options) as f:
+    with fsspec.open(layout.data_path(out, "00000"), "rb", **options) as f:
         assert np.array_equal(fixed_list_to_numpy(pq.read_table(f)["codes"]), Rows(0, 40).codes)
     assert read_marker(out, "00000", options)["rows"] == 40

@@ -6,7 +6,7 @@ import fsspec
 import pytest
 
 from s3server import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
-from vqpipe import storage
+from vqpipe.output import storage
 
 
 class Boom(Exception):
@@ -28,7 +28,7 @@ def target(request, tmp_path):
 
 def test_write_atomic_publishes_complete_content(target):
     fs, root = target
-    storage.write_atomic(fs, f"{root}/a.bin", lambda f: f.write(b"hello"))
+    _write_atomic(fs, f"{root}/a.bin", lambda f: f.write(b"hello"))
     assert fs.cat_file(f"{root}/a.bin") == b"hello"
     assert fs.ls(root, detail=False) == [f"{root}/a.bin"]  # no temp file left behind
 
@@ -37,15 +37,15 @@ def test_write_atomic_body_error_leaves_nothing(target):
     fs, root = target
     fs.makedirs(root, exist_ok=True)
     with pytest.raises(Boom):
-        storage.write_atomic(fs, f"{root}/a.bin", fails_midway)
+        _write_atomic(fs, f"{root}/a.bin", fails_midway)
     assert fs.ls(root, detail=False) == []
 
 
 def test_write_atomic_body_error_keeps_previous_version(target):
     fs, root = target
-    storage.write_atomic(fs, f"{root}/a.bin", lambda f: f.write(b"v1"))
+    _write_atomic(fs, f"{root}/a.bin", lambda f: f.write(b"v1"))
     with pytest.raises(Boom):
-        storage.write_atomic(fs, f"{root}/a.bin", fails_midway)
+        _write_atomic(fs, f"{root}/a.bin", fails_midway)
     assert fs.cat_file(f"{root}/a.bin") == b"v1"
 
 
@@ -99,11 +99,11 @@ def test_s3_write_atomic(s3_bucket):  # noqa: F811
         raise Boom
 
     with pytest.raises(Boom):
-        storage.write_atomic(fs, path, six_mib_then_fail)
+        _write_atomic(fs, path, six_mib_then_fail)
     storage.invalidate(fs, path)
     assert not fs.exists(path)
     assert uploads(s3_bucket) == []  # the multipart upload was aborted, not leaked
-    storage.write_atomic(fs, path, lambda f: f.write(b"x" * 100))
+    _write_atomic(fs, path, lambda f: f.write(b"x" * 100))
     assert s3_bucket.client.get_object(Bucket=s3_bucket.name, Key="out/a.bin")["Body"].read() == b"x" * 100
 
 
@@ -129,7 +129,7 @@ def test_sweep_stale_temp_files_spares_live_writers(tmp_path):
     import time
     from datetime import timedelta
 
-    from vqpipe.storage import sweep_stale_temp_files
+    from vqpipe.output.storage import sweep_stale_temp_files
 
     stale, live, data = tmp_path / ".a.parquet.1.tmp", tmp_path / ".b.parquet.2.tmp", tmp_path / "a.parquet"
     for path in (stale, live, data):
@@ -140,3 +140,14 @@ def test_sweep_stale_temp_files_spares_live_writers(tmp_path):
     fs = fsspec.filesystem("file")
     assert sweep_stale_temp_files(fs, str(tmp_path), older_than=timedelta(hours=1)) == 1
     assert not stale.exists() and live.exists() and data.exists()
+
+
+def _write_atomic(fs, path: str, write_fn) -> None:
+    """How the sink uses open_atomic: write, then commit; discard if writing raises."""
+    atomic = storage.open_atomic(fs, path)
+    try:
+        write_fn(atomic.file)
+    except BaseException:
+        atomic.discard()
+        raise
+    atomic.commit()

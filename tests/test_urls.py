@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from s3server import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
-from vqpipe.urls import NoMatchError, expand_urls, shard_stems
+from vqpipe.input.urls import NoMatchError, expand_urls, shard_stems
 
 
 def test_brace_range_keeps_zero_padding():

@@ -14,7 +14,16 @@ Reading back: ``io`` (Arrow / NumPy), ``dataset`` (a PyTorch ``IterableDataset``
 model lives in ``vqpipe.model``; ``hub`` resolves ``hf://`` checkpoints.
 """
 
-from vqpipe.model import VQModel
+from __future__ import annotations
 
 __version__ = "0.1.0"
 __all__ = ["VQModel", "__version__"]
+
+
+def __getattr__(name: str):
+    # PEP 562: `import vqpipe` (and so `vqpipe --help`, the config, `inspect`) must not pay for torch.
+    if name == "VQModel":
+        from vqpipe.model.vq_model import VQModel
+
+        return VQModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

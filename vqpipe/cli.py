@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-import time
 
 from vqpipe import __version__
 from vqpipe.config import ConfigError, RunConfig, load_config
-from vqpipe.model import CheckpointError
+from vqpipe.model.errors import CheckpointError
+from vqpipe.output.layout import decode_dir
 
 log = logging.getLogger("vqpipe")
 
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # `vqpipe inspect OUT | head`: the reader left; say nothing more (a flush at exit would raise again).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except (ConfigError, CheckpointError) as err:
         print(f"vqpipe: error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -40,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vqpipe {__version__}")
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="encode every shard of the config's input into token Parquet")
-    run.add_argument("config", help="YAML config (see configs/)")
+    run.add_argument("config", nargs="?", help="YAML config (see configs/)")
+    run.add_argument("--help-config", action="store_true",
+                     help="print every config key with its type, default and meaning, and exit")
     run.add_argument("overrides", nargs="*", help="dotted overrides: model.batch_size=128 output.path=s3://b/x")
     run.add_argument("--dry-run", action="store_true", help="print the plan (shards, committed, model) and stop")
     run.add_argument("--limit-shards", type=int, metavar="N", help="process only the first N pending shards")
@@ -63,25 +70,33 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--storage-options", default="{}", metavar="JSON",
                          help='fsspec options for reading the output, as JSON: \'{"anon": true}\'')
     inspect.set_defaults(func=cmd_inspect)
-    from vqpipe import bench  # its parser and command live with the benchmark
+    from vqpipe.bench import cli as bench  # its parser and command live with the benchmark
 
     bench.add_parser(sub)
     return parser
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from vqpipe import plan as planning
-    from vqpipe.shard_job import make_job
+    if args.help_config:
+        print(_config_help())
+        return EXIT_OK
+    if args.config is None:
+        raise ConfigError("vqpipe run needs a config file: vqpipe run CONFIG.yaml (see configs/)")
+    from vqpipe.output.folder import remove_output
+    from vqpipe.run import manifest
+    from vqpipe.run.execute import execute
+    from vqpipe.run.plan import make_plan
+    from vqpipe.run.shard_job import make_settings
 
     if args.limit_shards is not None and args.limit_shards < 1:
         raise ConfigError("--limit-shards must be >= 1")
     config = load_config(args.config, args.overrides)
     model = _load_model(config)
     precision = str(model.autocast_dtype(config.model.precision, _device_hint()) or "fp32").replace("torch.", "")
-    job = make_job(config.input, config.preprocess, config.output, model, precision)
-    fingerprint = planning.fingerprint(job.metadata, config)
-    plan = planning.make_plan(config, args.limit_shards)
-    conflicts = planning.incompatibilities(planning.read_manifest(config), fingerprint)
+    job = make_settings(config.input, config.preprocess, config.output, model, precision)
+    fingerprint = manifest.fingerprint(job.metadata, config)
+    plan = make_plan(config, args.limit_shards)
+    conflicts = manifest.incompatibilities(manifest.read_manifest(config), fingerprint)
     if conflicts and not args.overwrite and not args.dry_run:
         raise ConfigError(f"{config.output.path} holds tokens from another model or preprocessing "
                           f"({'; '.join(conflicts)}); use another output.path, or --overwrite to discard them")
@@ -89,14 +104,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(_plan_text(config, plan, job, conflicts))
         return EXIT_OK
     if conflicts:
-        planning.remove_output(config)
-        plan = planning.make_plan(config, args.limit_shards)
-    return _execute(config, plan, job, fingerprint)
+        remove_output(config)
+        plan = make_plan(config, args.limit_shards)
+    outcome = execute(config, plan, job, fingerprint)
+    if outcome.aborted:
+        print(f"vqpipe: {outcome.aborted}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_FAILED if outcome.failed else EXIT_OK
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from vqpipe.io import NotTokenOutput
-    from vqpipe.verify import run_decode
+    from vqpipe.read.tokens import NotTokenOutput
+    from vqpipe.read.decode_job import run_decode
 
     if args.num_samples < 1:
         raise ConfigError("--num-samples must be >= 1")
@@ -108,14 +127,14 @@ def cmd_decode(args: argparse.Namespace) -> int:
         raise ConfigError(f"output.path {config.output.path!r}: {err}") from None
     for check in report.checks:
         print(f"{'ok    ' if check.ok else 'FAILED'} {check.name}: {check.figure}")
-    out = args.out or f"{config.output.path}/_vqpipe/decode"
+    out = args.out or decode_dir(config.output.path)
     print(f"report: {out}/report.html")
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from vqpipe.io import NotTokenOutput
-    from vqpipe.stats import format_text, inspect_output
+    from vqpipe.read.tokens import NotTokenOutput
+    from vqpipe.read.inspect import format_text, inspect_output
 
     try:
         options = json.loads(args.storage_options)
@@ -131,8 +150,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _config_help() -> str:
+    from vqpipe.config import config_reference
+
+    lines = []
+    for key, type_name, default, doc in config_reference():
+        lines.append(f"{key}: {type_name} = {default}")
+        lines.append(f"    {doc}" if doc else "    (undocumented)")
+    return "\n".join(lines)
+
+
 def _load_model(config: RunConfig):
-    from vqpipe.encode import load_model
+    from vqpipe.model.loading import load_model
 
     try:
         return load_model(config.model)
@@ -148,50 +177,6 @@ def _device_hint() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _execute(config: RunConfig, plan, job, fingerprint: dict) -> int:
-    from vqpipe import plan as planning
-    from vqpipe.driver import run_on_ray
-    from vqpipe.progress import Progress, summary_table
-
-    started = time.time()
-    manifest = {
-        "vqpipe_version": __version__, "config": config.to_dict(), "model_config": job.metadata["model_config"],
-        "weights_sha256": job.metadata["weights_sha256"], "fingerprint": fingerprint,
-        "started_at": _iso(started), "status": "running",
-    }
-    planning.write_json(config, planning.MANIFEST, manifest)
-    planning.sweep_leftovers(config)
-    progress = Progress(total=plan.total, already=len(plan.committed))
-    outcome = run_on_ray(config, plan, progress)
-    progress.update(outcome, force=True)
-    progress.close()
-    wall = time.time() - started
-    manifest.update(status="aborted" if outcome.aborted else ("failed" if outcome.failed else "complete"),
-                    ended_at=_iso(time.time()), totals=_totals(outcome, plan, wall))
-    planning.write_json(config, planning.MANIFEST, manifest)
-    print(summary_table(outcome, skipped=len(plan.committed), wall_s=wall, output=config.output.path))
-    if outcome.aborted:
-        print(f"vqpipe: {outcome.aborted}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_FAILED if outcome.failed else EXIT_OK
-
-
-def _totals(outcome, plan, wall: float) -> dict:
-    reasons: dict[str, int] = {}
-    for result in outcome.committed.values():
-        for reason, n in result.failures_by_reason.items():
-            reasons[reason] = reasons.get(reason, 0) + n
-    rows = sum(r.rows for r in outcome.committed.values())
-    stages = {k: round(sum(getattr(r.times, k) for r in outcome.committed.values()), 3)
-              for k in ("read_s", "decode_s", "encode_s", "write_s", "wait_s")}
-    return {
-        "shards": plan.total, "shards_committed": len(outcome.committed), "shards_failed": len(outcome.failed),
-        "shards_skipped": len(plan.committed), "samples_written": rows, "samples_failed_by_reason": reasons,
-        "wall_s": round(wall, 3), "images_per_s": round(rows / wall, 2) if wall else None,
-        "failed_shards": outcome.failed, "stage_times_s": stages,
-    }
-
-
 def _plan_text(config: RunConfig, plan, job, conflicts: list[str]) -> str:
     meta = job.metadata
     lines = {
@@ -202,10 +187,6 @@ def _plan_text(config: RunConfig, plan, job, conflicts: list[str]) -> str:
         "conflicts with existing output": conflicts or "none",
     }
     return "\n".join(f"{k}: {json.dumps(v) if not isinstance(v, str) else v}" for k, v in lines.items())
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 if __name__ == "__main__":

@@ -29,11 +29,14 @@ def _f(default: Any = dataclasses.MISSING, doc: str = "", **kw) -> Any:
     return field(default=default, metadata={"doc": doc}, **kw)
 
 
+# Member extensions tried, in order, for a sample's image (img2dataset writes jpg).
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
 @dataclass(frozen=True)
 class InputConfig:
     urls: tuple[str, ...] = _f(doc="shard URL(s): a string or list, brace- ({00000..00099}) and glob-expanded")
     storage_options: dict = _f({}, doc="fsspec options for reading shards (endpoint_url, key, secret, ...)")
-    image_keys: tuple[str, ...] = _f(("jpg", "jpeg", "png", "webp"),
+    image_keys: tuple[str, ...] = _f(IMAGE_KEYS,
                                      doc="member extensions that hold the image, in priority order")
 
 
@@ -113,6 +116,37 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     config = build(RunConfig, raw, "")
     semantic_checks(config)
     return config
+
+
+def config_reference(cls: type = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """``(dotted key, type, default, doc)`` for every config key: what ``--help-config`` prints."""
+    cls = cls or RunConfig
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        key, tp = _join(prefix, f.name), hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += config_reference(tp, key)
+            continue
+        rows.append((key, _type_name(tp), _default_text(f), f.metadata.get("doc", "")))
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(c) for c in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return repr(f.default_factory())
+    return "(required)"
 
 
 def apply_override(raw: dict, item: str) -> None:

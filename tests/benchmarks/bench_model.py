@@ -18,7 +18,7 @@ from importlib import resources
 import torch
 
 from vqpipe import VQModel
-from vqpipe.cpu_passes import Streams
+from vqpipe.encode.cpu_passes import Streams
 from vqpipe.model.quantizer import nearest_codes
 
 LDM_F4 = dict(block_out_channels=(128, 256, 512), down_block_types=("DownEncoderBlock2D",) * 3,
@@ -56,7 +56,7 @@ def variants(config: dict, bf16: bool = True, micro_batches: tuple[int, ...] = (
         "vqpipe compiled fp32": lambda x: compiled(cl(x)),
         "vqpipe compiled bf16": lambda x: compiled(cl(x), autocast_dtype=torch.bfloat16),
     }
-    # The same batch in several forward passes, as TokenEncoder runs it on a CPU (vqpipe.cpu_passes).
+    # The same batch in several forward passes, as TokenEncoder runs it on a CPU (vqpipe.encode.cpu_passes).
     pool = Streams(torch.get_num_threads()) if streams else None
     for n in micro_batches:
         fns[f"diffusers eager fp32, passes of {n}"] = _in_passes(diffusers_fp32, n)

@@ -50,9 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import shardfactory as sf  # noqa: E402
 from vqpipe.config import load_config  # noqa: E402
-from vqpipe.bench import peak_rss_mb  # noqa: E402
-from vqpipe.encode import TokenEncoder, load_model, resolve_model_path  # noqa: E402
-from vqpipe.shard_job import make_job, process_shard  # noqa: E402
+from vqpipe.bench.measure import peak_rss_mb  # noqa: E402
+from vqpipe.encode.encoder import TokenEncoder
+from vqpipe.model.loading import load_model, resolve_model_path  # noqa: E402
+from vqpipe.run.shard_job import make_settings, process_shard  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 RESOLUTION, BATCH = 128, 16  # configs/demo.yaml
@@ -178,7 +179,7 @@ def vqpipe_run(state, urls: list[str], out: Path) -> int:
     config, encoder, pool = state
     torch.set_num_threads(TORCH_THREADS)
     output = dataclasses.replace(config.output, path=str(out))
-    job = make_job(config.input, config.preprocess, output, encoder.model, "fp32")
+    job = make_settings(config.input, config.preprocess, output, encoder.model, "fp32")
     return sum(process_shard(url, Path(url).stem, job, encoder, pool).rows for url in urls)
 
 
@@ -244,7 +245,7 @@ def ray_torch_threads() -> int:
 
 def worker_peak_rss(config_path: Path, shards: int, out: Path) -> dict:
     """Run in a subprocess: one ShardWorker (no Ray) over ``shards`` shards; its peak RSS in MiB."""
-    from vqpipe.driver import ShardWorker
+    from vqpipe.run.driver import ShardWorker
 
     config = load_config(config_path, [f"output.path={out}"])
     worker = ShardWorker(config)
@@ -326,7 +327,7 @@ def compare(args, tmp: Path, names: list[str]) -> dict:
     import ray
     import ray.data
 
-    from vqpipe.driver import start_embedded_ray
+    from vqpipe.run.driver import start_embedded_ray
 
     size = tuple(int(v) for v in args.size.split("x"))
     urls = make_shards(tmp / "shards", args.shards, args.per_shard, size)

@@ -2,7 +2,7 @@
 
     python tests/benchmarks/bench_plan.py [--shards 100000] [--committed 50000]
 
-Times `vqpipe.plan.make_plan`: brace expansion, output stems, listing the commit markers on a
+Times `vqpipe.run.plan.make_plan`: brace expansion, output stems, listing the commit markers on a
 local folder, and the pending list.
 """
 
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from vqpipe.config import InputConfig, ModelConfig, OutputConfig, RunConfig
-from vqpipe.plan import make_plan
+from vqpipe.run.plan import make_plan
 
 
 def main() -> None:

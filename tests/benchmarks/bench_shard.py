@@ -24,11 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import shardfactory as sf  # noqa: E402
 from vqpipe.config import InputConfig, ModelConfig, OutputConfig, PreprocessConfig  # noqa: E402
-from vqpipe.encode import TokenEncoder, load_model  # noqa: E402
-from vqpipe.images import preprocess  # noqa: E402
-from vqpipe.shard_job import make_job, process_shard  # noqa: E402
-from vqpipe.shards import iter_samples  # noqa: E402
-from vqpipe.sink import ShardWriter  # noqa: E402
+from vqpipe.encode.encoder import TokenEncoder
+from vqpipe.model.loading import load_model  # noqa: E402
+from vqpipe.input.images import preprocess  # noqa: E402
+from vqpipe.run.shard_job import make_settings, process_shard  # noqa: E402
+from vqpipe.input.shards import iter_samples  # noqa: E402
+from vqpipe.output.sink import ShardWriter  # noqa: E402
 
 RESOLUTION = 128
 
@@ -83,7 +84,7 @@ def main() -> None:
     url = make_shard(tmp, args.samples, size)
     model = load_model(ModelConfig(path="demo"))
     encoder = TokenEncoder(model, torch.device("cpu"), "fp32", False, args.batch, (-1.0, 1.0))
-    job = make_job(InputConfig(urls=(url,)), PreprocessConfig(resolution=RESOLUTION),
+    job = make_settings(InputConfig(urls=(url,)), PreprocessConfig(resolution=RESOLUTION),
                    OutputConfig(path=str(tmp / "out")), model, "fp32")
     runs: dict[str, list[float]] = {"read": [], "decode": [], "model": [], "write": [], "threads": [],
                                     "processes": []}

@@ -17,7 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from vqpipe.model.vq_model import VQModelConfig
+from vqpipe.model.config import VQModelConfig
+from vqpipe.model.errors import CheckpointError
 
 if TYPE_CHECKING:
     from vqpipe.model.vq_model import VQModel
@@ -31,10 +32,6 @@ _CONFIG_FIELDS = {f.name for f in dataclasses.fields(VQModelConfig)}
 # Old diffusers AttentionBlock names -> current Attention names (diffusers renames them on load too).
 _ATTENTION_RENAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _OLD_ATTENTION_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing or malformed; the message names the file and the problem."""
 
 
 def load_pretrained(cls: type["VQModel"], path: str, subfolder: str | None = None,

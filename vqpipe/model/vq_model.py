@@ -8,6 +8,7 @@ path the pipeline runs (codes and scaled latents in one call).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -15,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vqpipe.model.blocks import ACTIVATIONS, DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, Decoder, Encoder
+from vqpipe.model.blocks import Decoder, Encoder
+from vqpipe.model.config import VQModelConfig
 from vqpipe.model.quantizer import VectorQuantizer
 
-NORM_TYPES = ("group", "spatial")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -47,85 +48,6 @@ class DecoderOutput(_TupleOutput):
     commit_loss: torch.Tensor | None = None
 
 
-@dataclass(frozen=True)
-class VQModelConfig:
-    """The constructor's arguments, stored verbatim and written as ``config.json``."""
-
-    in_channels: int = 3
-    out_channels: int = 3
-    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)
-    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)
-    block_out_channels: tuple[int, ...] = (64,)
-    layers_per_block: int = 1
-    act_fn: str = "silu"
-    latent_channels: int = 3
-    sample_size: int = 32
-    num_vq_embeddings: int = 256
-    norm_num_groups: int = 32
-    vq_embed_dim: int | None = None
-    scaling_factor: float = 0.18215
-    norm_type: str = "group"
-    mid_block_add_attention: bool = True
-    lookup_from_codebook: bool = False
-    force_upcast: bool = False
-
-    @property
-    def embed_dim(self) -> int:
-        return self.vq_embed_dim if self.vq_embed_dim is not None else self.latent_channels
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        for key in ("down_block_types", "up_block_types", "block_out_channels"):
-            out[key] = list(out[key])
-        return out
-
-    def validate(self) -> None:
-        """Refuse configs that diffusers accepts but cannot run, saying why."""
-        n = len(self.block_out_channels)
-        if n == 0 or len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(
-                f"down_block_types ({len(self.down_block_types)}), up_block_types ({len(self.up_block_types)}) and "
-                f"block_out_channels ({n}) must have the same, non-zero length: one entry per resolution level"
-            )
-        for name, types, allowed in (("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES),
-                                     ("up_block_types", self.up_block_types, UP_BLOCK_TYPES)):
-            bad = [t for t in types if t not in allowed]
-            if bad:
-                raise ValueError(f"{name} has {bad}; a VQModel supports {list(allowed)}")
-        if self.act_fn not in ACTIVATIONS:
-            raise ValueError(f"act_fn={self.act_fn!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
-        if self.norm_type not in NORM_TYPES:
-            raise ValueError(f"norm_type={self.norm_type!r}; choose one of {list(NORM_TYPES)}")
-        for key in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "num_vq_embeddings",
-                    "norm_num_groups"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.vq_embed_dim is not None and self.vq_embed_dim < 1:
-            raise ValueError(f"vq_embed_dim must be >= 1 or None, got {self.vq_embed_dim}")
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if bad:
-            raise ValueError(f"block_out_channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
-        if self.norm_type == "spatial":
-            self._validate_spatial()
-
-    def _validate_spatial(self) -> None:
-        if self.embed_dim != self.latent_channels:
-            raise ValueError(
-                f"norm_type='spatial' needs vq_embed_dim == latent_channels (got {self.vq_embed_dim} and "
-                f"{self.latent_channels}): the MoVQ decoder conditions its norms on the quantized latents "
-                "through convolutions built for latent_channels inputs, so diffusers crashes inside the decoder"
-            )
-        bad = [c for c in self.block_out_channels if c % 32]
-        if bad:
-            raise ValueError(
-                f"norm_type='spatial' needs block_out_channels divisible by 32 (SpatialNorm uses 32 groups); got {bad}"
-            )
-
-
 class VQModel(nn.Module):
     r"""A VQ-VAE: ``Encoder -> quant_conv -> VectorQuantizer -> post_quant_conv -> Decoder``.
 
@@ -134,45 +56,24 @@ class VQModel(nn.Module):
     image ``(B, in_channels, H, W)`` -> latents ``(B, D, H/f, W/f)`` -> codes ``(B, H/f, W/f)``.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",),
-        up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",),
-        block_out_channels: tuple[int, ...] = (64,),
-        layers_per_block: int = 1,
-        act_fn: str = "silu",
-        latent_channels: int = 3,
-        sample_size: int = 32,
-        num_vq_embeddings: int = 256,
-        norm_num_groups: int = 32,
-        vq_embed_dim: int | None = None,
-        scaling_factor: float = 0.18215,
-        norm_type: str = "group",
-        mid_block_add_attention: bool = True,
-        lookup_from_codebook: bool = False,
-        force_upcast: bool = False,
-    ):
+    def __init__(self, *args: Any, **kwargs: Any):
+        # The arguments are declared once, as VQModelConfig's fields (diffusers declares them once
+        # too, with register_to_config); the signature below is generated from them for help().
         super().__init__()
-        config = VQModelConfig(
-            in_channels, out_channels, tuple(down_block_types), tuple(up_block_types), tuple(block_out_channels),
-            layers_per_block, act_fn, latent_channels, sample_size, num_vq_embeddings, norm_num_groups,
-            vq_embed_dim, float(scaling_factor), norm_type, bool(mid_block_add_attention),
-            bool(lookup_from_codebook), bool(force_upcast),
-        )
+        config = VQModelConfig(*args, **kwargs)
         config.validate()
         self.config = config
         # Set by from_pretrained: sha256 of the weights file, recorded with every output for lineage.
         self.weights_sha256: str | None = None
         embed_dim = config.embed_dim
-        self.encoder = Encoder(in_channels, latent_channels, config.down_block_types, config.block_out_channels,
-                               layers_per_block, norm_num_groups, act_fn, mid_block_add_attention)
-        self.quant_conv = nn.Conv2d(latent_channels, embed_dim, 1)
-        self.quantize = VectorQuantizer(num_vq_embeddings, embed_dim, beta=0.25)
-        self.post_quant_conv = nn.Conv2d(embed_dim, latent_channels, 1)
-        self.decoder = Decoder(latent_channels, out_channels, config.up_block_types, config.block_out_channels,
-                               layers_per_block, norm_num_groups, act_fn, norm_type, mid_block_add_attention)
+        c = config
+        self.encoder = Encoder(c.in_channels, c.latent_channels, c.down_block_types, c.block_out_channels,
+                               c.layers_per_block, c.norm_num_groups, c.act_fn, c.mid_block_add_attention)
+        self.quant_conv = nn.Conv2d(c.latent_channels, embed_dim, 1)
+        self.quantize = VectorQuantizer(c.num_vq_embeddings, embed_dim, beta=0.25)
+        self.post_quant_conv = nn.Conv2d(embed_dim, c.latent_channels, 1)
+        self.decoder = Decoder(c.latent_channels, c.out_channels, c.up_block_types, c.block_out_channels,
+                               c.layers_per_block, c.norm_num_groups, c.act_fn, c.norm_type, c.mid_block_add_attention)
 
     # -- diffusers API ---------------------------------------------------------------------------
 
@@ -275,3 +176,12 @@ class VQModel(nn.Module):
 
         save_pretrained(self, path, storage_options=storage_options)
 
+
+def _signature() -> inspect.Signature:
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default, annotation=f.type)
+               for f in dataclasses.fields(VQModelConfig)]
+    return inspect.Signature(params)
+
+
+VQModel.__init__.__signature__ = _signature()

@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vqpipe.arrays import fixed_list_to_numpy
-from vqpipe.io import data_files
+from vqpipe.output.arrays import fixed_list_to_numpy
+from vqpipe.read.tokens import data_files
 
 DEFAULT_COLUMNS = ("key", "codes", "latents", "caption")
 Unit = tuple[str, "int | None"]  # (data file, row group); None = every row group of the file

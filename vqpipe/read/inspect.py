@@ -19,12 +19,11 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from vqpipe import retry
-from vqpipe.arrays import fixed_list_to_numpy
-from vqpipe.io import data_file_sizes, vqpipe_metadata
-from vqpipe.plan import FAILED_DIR
+from vqpipe.output import retry
+from vqpipe.output.arrays import fixed_list_to_numpy
+from vqpipe.read.tokens import data_file_sizes, vqpipe_metadata
 from vqpipe.records import ShardErrorReason
-from vqpipe.sink import MARKER_DIR
+from vqpipe.output.layout import FAILED_DIR, MARKER_DIR
 
 TOP_CODES = 10
 JSON_BATCH = 256  # marker files fetched per request batch

@@ -10,7 +10,7 @@ Three ways to publish a file atomically, by filesystem:
   open), and other backends' transactions are unverified, so they get this path too.
 
 Whole-object writes (``pipe_file``), reads of small objects, existence checks and listings are
-retried after transient errors (:mod:`vqpipe.retry`): writing the same bytes again is harmless,
+retried after transient errors (:mod:`vqpipe.output.retry`): writing the same bytes again is harmless,
 and a create-only write that finds the object made by its own earlier, unanswered attempt
 recognises it by its bytes. S3 uploads are left to s3fs's own retries.
 """
@@ -22,7 +22,6 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import IO, Any, Protocol
 
@@ -30,7 +29,7 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from vqpipe import retry
+from vqpipe.output import retry
 
 # Backends verified to publish nothing before ``commit()``. Add one only after a test.
 _TRANSACTIONAL = {"s3", "s3a"}
@@ -66,17 +65,6 @@ def open_atomic(fs: AbstractFileSystem, path: str) -> AtomicFile:
     if protocols(fs) & _TRANSACTIONAL:
         return _DeferredAtomic(fs, path)
     return _BufferedAtomic(fs, path)
-
-
-def write_atomic(fs: AbstractFileSystem, path: str, write_fn: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` with ``write_fn(fileobj)``; if it raises, ``path`` is left untouched."""
-    atomic = open_atomic(fs, path)
-    try:
-        write_fn(atomic.file)
-    except BaseException:
-        atomic.discard()
-        raise
-    atomic.commit()
 
 
 class _LocalAtomic:

@@ -23,9 +23,9 @@ from PIL import Image, ImageOps
 from PIL import BmpImagePlugin, GifImagePlugin, JpegImagePlugin  # noqa: F401
 from PIL import PngImagePlugin, TiffImagePlugin, WebPImagePlugin  # noqa: F401
 
+from vqpipe.config import IMAGE_KEYS
 from vqpipe.records import Failure, FailureReason, Preprocessed, Sample
 
-DEFAULT_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 # Formats LAION-style shards actually carry (multi-picture JPEGs open through "JPEG" and
 # report "MPO"). Pillow would also try EPS (which runs Ghostscript), PSD, ICO and a dozen
@@ -52,7 +52,7 @@ class Rejected(Exception):
 
 def preprocess(
     sample: Sample,
-    image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS,
+    image_keys: Sequence[str] = IMAGE_KEYS,
     resolution: int = 256,
     min_size: int = 0,
     draft: bool = True,
@@ -131,7 +131,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        return Image.fromarray(_to_uint8(np.asarray(img), img.mode)).convert("RGB")
+        return Image.fromarray(_mode_to_uint8(np.asarray(img), img.mode)).convert("RGB")
     try:
         if "A" in img.mode or "a" in img.mode or "transparency" in img.info:
             return _over_white(img.convert("RGBA"))
@@ -146,7 +146,7 @@ def _over_white(rgba: Image.Image) -> Image.Image:
     return background
 
 
-def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+def _mode_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     # convert("L") would clip 16-bit values at 255, turning most of the image white.
     if mode == "F":
         # Float images come in [0, 1] (TIFF) or [0, 255] (Pillow's own); guess from range.
@@ -197,16 +197,3 @@ def _metadata(sample: Sample) -> str | None:
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return None
     return text
-
-
-def to_model_input(pixels: np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
-    """(B, R, R, 3) uint8 -> (B, 3, R, R) float32 scaled linearly so 0 -> lo, 255 -> hi."""
-    if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
-        raise ValueError(f"expected (B, R, R, 3) uint8, got {pixels.shape} {pixels.dtype}")
-    lo, hi = value_range
-    out = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
-    # Divide first so 255 maps to exactly 1.0 (x * (2/255) lands one ulp short of hi).
-    out /= 255.0
-    out *= hi - lo
-    out += lo
-    return out

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import fsspec
 from braceexpand import braceexpand
 
-from vqpipe import storage
+from vqpipe.output import storage
 
 _WILDCARDS = re.compile(r"[*?\[]")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")

@@ -1,6 +1,6 @@
 """The only module that knows Ray: GPU-pinned actors pull shard URLs from the driver's queue.
 
-Each :class:`ShardWorker` loads the model once and calls :func:`vqpipe.shard_job.process_shard`
+Each :class:`ShardWorker` loads the model once and calls :func:`vqpipe.run.shard_job.process_shard`
 for shard after shard. The driver owns retries (actors run with ``max_task_retries=0``): an actor
 death requeues its shard, a shard that fails ``ray.max_retries`` times is recorded under
 ``_vqpipe/failed/``, stragglers are re-run elsewhere, and commit markers decide which attempt's
@@ -16,17 +16,21 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from vqpipe import faults
 from vqpipe.config import RunConfig
-from vqpipe.encode import TokenEncoder, load_model, pick_device
-from vqpipe.plan import FAILED_DIR, Plan, remove_json, write_json
-from vqpipe.progress import Progress
-from vqpipe.shard_job import ShardResult, make_job, process_shard
+from vqpipe.encode.encoder import TokenEncoder
+from vqpipe.model.loading import load_model, pick_device
+from vqpipe.output.folder import remove_json, write_json
+from vqpipe.output.layout import failure_record
+from vqpipe.run.outcome import Outcome, sum_reasons
+from vqpipe.run.plan import Plan
+from vqpipe.run.progress import Progress
+from vqpipe.run.shard_job import ShardResult, make_settings, process_shard
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +44,9 @@ class ShardWorker:
     def __init__(self, config: RunConfig):
         model = load_model(config.model)
         device = pick_device()
-        self.encoder = TokenEncoder(model, device, config.model.precision, config.model.compile,
-                                    config.model.batch_size, config.preprocess.value_range, config.model.micro_batch)
+        self.encoder = TokenEncoder.from_config(model, device, config)
         precision = str(self.encoder.autocast_dtype or "fp32").replace("torch.", "")
-        self.job = make_job(config.input, config.preprocess, config.output, model, precision)
+        self.job = make_settings(config.input, config.preprocess, config.output, model, precision)
         workers = config.preprocess.decode_workers
         self.pool = ThreadPoolExecutor(config.ray.cpus_per_worker if workers == "auto" else workers,
                                        thread_name_prefix="vqpipe-decode")
@@ -79,15 +82,6 @@ class Attempt:
     stem: str
     worker: int
     started: float
-    speculative: bool = False
-
-
-@dataclass
-class Outcome:
-    committed: dict[str, ShardResult] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)  # stem -> last error
-    attempts: collections.Counter = field(default_factory=collections.Counter)
-    aborted: str | None = None  # misconfiguration guard message
 
 
 def init_ray(config: RunConfig) -> None:
@@ -168,14 +162,14 @@ class Driver:
             url = self.queue.popleft()
             if self.plan.stems[url] in self.outcome.committed:
                 continue
-            self._submit(self.idle.pop(), url, speculative=False)
+            self._submit(self.idle.pop(), url)
         if self.idle and not self.queue and self.config.ray.speculative:
             self._speculate()
 
-    def _submit(self, worker: int, url: str, speculative: bool) -> None:
+    def _submit(self, worker: int, url: str) -> None:
         stem = self.plan.stems[url]
         ref = self.workers[worker].process.remote(url, stem)
-        self.in_flight[ref] = Attempt(url, stem, worker, time.time(), speculative)
+        self.in_flight[ref] = Attempt(url, stem, worker, time.time())
 
     def _speculate(self) -> None:
         """Near the end, re-run the oldest shard no one else is already duplicating."""
@@ -185,7 +179,7 @@ class Driver:
                 return
             if running[attempt.stem] == 1 and time.time() - attempt.started > SPECULATE_AFTER_S:
                 log.info("speculatively re-running %s on an idle worker", attempt.stem)
-                self._submit(self.idle.pop(), attempt.url, speculative=True)
+                self._submit(self.idle.pop(), attempt.url)
                 running[attempt.stem] += 1
 
     def _collect(self, timeout: float) -> None:
@@ -235,7 +229,7 @@ class Driver:
         if attempt.stem not in self.outcome.committed:
             self.outcome.committed[attempt.stem] = result
             self.outcome.failed.pop(attempt.stem, None)
-            remove_json(self.config, f"{FAILED_DIR}/{attempt.stem}.json")  # failed in an earlier run
+            remove_json(self.config, failure_record(attempt.stem))  # failed in an earlier run
             self._guard(result)
             self._abandon_duplicates(attempt.stem)
 
@@ -258,7 +252,7 @@ class Driver:
             self.queue.append(attempt.url)
             return
         self.outcome.failed[stem] = error
-        write_json(self.config, f"{FAILED_DIR}/{stem}.json", {
+        write_json(self.config, failure_record(stem), {
             "source": attempt.url, "stem": stem, "attempts": self.outcome.attempts[stem], "error": error,
             "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
@@ -280,7 +274,7 @@ class Driver:
             if now - last > timeout:
                 log.warning("shard %s shows no progress for %.0f s: handing it to another worker", attempt.stem,
                             now - last)
-                self._submit(self.idle.pop(), attempt.url, speculative=True)
+                self._submit(self.idle.pop(), attempt.url)
                 running[attempt.stem] += 1
 
     def _guard(self, result: ShardResult) -> None:
@@ -290,9 +284,7 @@ class Driver:
         self.guard_seen.append(result)
         if len(self.guard_seen) < min(cfg.guard_shards, self.plan.total):
             return
-        reasons = collections.Counter()
-        for r in self.guard_seen:
-            reasons.update(r.failures_by_reason)
+        reasons = sum_reasons(r.failures_by_reason for r in self.guard_seen)
         total = sum(r.rows for r in self.guard_seen) + sum(reasons.values())
         if not reasons or not total:
             return

@@ -7,23 +7,18 @@ needs (non-finite latents under AMP, CUDA out-of-memory).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
-from importlib import resources
 from typing import Callable
 
 import numpy as np
 import torch
 
-from vqpipe import hub
-from vqpipe.config import ModelConfig
-from vqpipe.cpu_passes import Streams, cache_per_stream, cpu_micro_batch, last_level_cache, start_streams
-from vqpipe.model import VQModel
+from vqpipe.config import RunConfig
+from vqpipe.encode.cpu_passes import Streams, cache_per_stream, cpu_micro_batch, last_level_cache, start_streams
+from vqpipe.model.vq_model import VQModel
 
 log = logging.getLogger(__name__)
-
-DEMO_MODEL = "demo"
 
 
 @dataclass
@@ -34,30 +29,6 @@ class EncodedBatch:
     amp_fallback: bool  # the batch was re-encoded in fp32 because AMP produced NaN/Inf
 
 
-def resolve_model_path(path: str, subfolder: str | None = None) -> str:
-    """``demo`` names the tokenizer shipped inside the package; ``hf://ORG/REPO[@REV][/SUBFOLDER]`` a
-    Hugging Face Hub repo, fetched into the local Hub cache (:mod:`vqpipe.hub`; ``subfolder`` says
-    which part of the repo to fetch); anything else is a path or fsspec URL."""
-    if path == DEMO_MODEL:
-        return str(resources.files("vqpipe") / "assets" / "demo-vq")
-    if hub.is_hub_path(path):
-        return hub.resolve(path, subfolder)
-    return path
-
-
-def load_model(config: ModelConfig) -> VQModel:
-    model = VQModel.from_pretrained(resolve_model_path(config.path, config.subfolder), subfolder=config.subfolder,
-                                    storage_options=config.storage_options)
-    if config.scaling_factor is not None:
-        model.config = dataclasses.replace(model.config, scaling_factor=config.scaling_factor)
-    return model.eval().requires_grad_(False)
-
-
-def pick_device() -> torch.device:
-    # Inside a Ray actor CUDA_VISIBLE_DEVICES holds only the GPU(s) Ray assigned, so cuda:0 is ours.
-    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-
-
 class TokenEncoder:
     """``(B, R, R, 3)`` uint8 pixels -> :class:`EncodedBatch`.
 
@@ -66,7 +37,7 @@ class TokenEncoder:
     recompile. ``micro_batch`` is that size: ``auto`` = the whole batch on a GPU, on a CPU as many
     images as keep the first stage's activations in cache. On a CPU the passes run on ``streams``
     single-threaded streams at once (``auto`` = the caller's torch thread count; an uncompiled
-    encoder only): see :mod:`vqpipe.cpu_passes`.
+    encoder only): see :mod:`vqpipe.encode.cpu_passes`.
     """
 
     def __init__(self, model: VQModel, device: torch.device, precision: str, compile: bool | str,
@@ -102,6 +73,12 @@ class TokenEncoder:
         self._streams_for = 1
         self._cache = last_level_cache() if device.type == "cpu" else None
 
+
+    @classmethod
+    def from_config(cls, model: VQModel, device: torch.device, config: RunConfig) -> "TokenEncoder":
+        """The encoder a worker runs for ``config`` (the driver's actors and ``vqpipe bench`` alike)."""
+        return cls(model, device, config.model.precision, config.model.compile, config.model.batch_size,
+                   config.preprocess.value_range, config.model.micro_batch)
     def _current_streams(self) -> Streams | None:
         """The streams for this call: ``auto`` follows the caller's torch thread count, so a Ray
         actor with N CPUs (torch on N threads) runs N streams. None on a GPU, and for a compiled

@@ -24,11 +24,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vqpipe import retry, storage
-from vqpipe.arrays import to_fixed_list_array
+from vqpipe.output import retry
+from vqpipe.output import storage
+from vqpipe.output.arrays import to_fixed_list_array
+from vqpipe.output.layout import MARKER_DIR, data_path, marker_path
 
 ROW_GROUP_ROWS = 1024
-MARKER_DIR = "_vqpipe/shards"
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def _nested(value_type: pa.DataType, shape: Sequence[int]) -> pa.DataType:
     return value_type
 
 
-def codes_array(codes: np.ndarray, layout: TokenLayout) -> pa.Array:
+def codes_to_arrow(codes: np.ndarray, layout: TokenLayout) -> pa.Array:
     """(N, h, w) integer codes -> Arrow, rejecting codes outside ``[0, codebook_size)``
     (a uint16 cast would silently turn 65536 into 0)."""
     if not np.issubdtype(codes.dtype, np.integer):
@@ -90,14 +91,6 @@ def _expect_shape(values: np.ndarray, shape: Sequence[int], name: str) -> np.nda
     if values.shape[1:] != tuple(shape):
         raise ValueError(f"{name} shape {values.shape[1:]} != layout {tuple(shape)}")
     return values
-
-
-def data_path(output_url: str, stem: str) -> str:
-    return f"{output_url.rstrip('/')}/{stem}.parquet"
-
-
-def marker_path(output_url: str, stem: str) -> str:
-    return f"{output_url.rstrip('/')}/{MARKER_DIR}/{stem}.json"
 
 
 @dataclass(frozen=True)
@@ -197,7 +190,7 @@ class ShardWriter:
         required when the layout writes them (and ignored otherwise)."""
         columns = {"key": pa.array(keys, pa.string()), "source": pa.array(sources, pa.string())}
         if self.layout.write_codes:
-            columns["codes"] = codes_array(_required(codes, "codes"), self.layout)
+            columns["codes"] = codes_to_arrow(_required(codes, "codes"), self.layout)
         if self.layout.write_latents:
             latents = _expect_shape(_required(latents, "latents"), self.layout.latent_shape, "latents")
             columns["latents"] = to_fixed_list_array(latents, self.layout.latent_type)

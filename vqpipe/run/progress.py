@@ -3,16 +3,15 @@ and the final summary table."""
 
 from __future__ import annotations
 
-import collections
 import logging
 import sys
 import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from vqpipe.driver import Outcome
+    from vqpipe.run.outcome import Outcome
 
-log = logging.getLogger("vqpipe.progress")
+log = logging.getLogger(__name__)
 
 
 class Progress:
@@ -30,8 +29,8 @@ class Progress:
             return
         self._last = now
         done = len(outcome.committed)
-        rows = sum(r.rows for r in outcome.committed.values())
-        failed_samples = sum(sum(r.failures_by_reason.values()) for r in outcome.committed.values())
+        rows = outcome.rows
+        failed_samples = sum(outcome.failures_by_reason().values())
         elapsed = max(now - self.started, 1e-9)
         rate = rows / elapsed
         todo = self.total - self.already
@@ -50,10 +49,8 @@ class Progress:
 
 
 def summary_table(outcome: "Outcome", skipped: int, wall_s: float, output: str) -> str:
-    rows = sum(r.rows for r in outcome.committed.values())
-    reasons = collections.Counter()
-    for r in outcome.committed.values():
-        reasons.update(r.failures_by_reason)
+    rows = outcome.rows
+    reasons = outcome.failures_by_reason()
     lines = [
         ("shards committed", str(len(outcome.committed))),
         ("shards failed", str(len(outcome.failed))),

@@ -6,7 +6,7 @@
 
 The arrays share Arrow's buffers when the column is one chunk (one file read with one row group,
 or a table ``combine_chunks()``-ed once); a column of several chunks is copied once into one
-array. For training, :class:`vqpipe.dataset.TokenDataset` streams row groups instead.
+array. For training, :class:`vqpipe.read.dataset.TokenDataset` streams row groups instead.
 ``sample_rows`` draws a seeded sample across the files, keeping which file each row came from.
 """
 
@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vqpipe import storage
-from vqpipe.arrays import fixed_list_to_numpy
+from vqpipe.output import storage
+from vqpipe.output.arrays import fixed_list_to_numpy
 
 
 def data_files(path: str, storage_options: dict | None = None) -> list[str]:

@@ -25,13 +25,14 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
 
-from vqpipe.arrays import fixed_list_to_numpy
+from vqpipe.output.arrays import fixed_list_to_numpy
+from vqpipe.output.layout import decode_dir
 from vqpipe.config import RunConfig
-from vqpipe.encode import load_model, pick_device
-from vqpipe.images import preprocess
-from vqpipe.io import Sampled, sample_rows
+from vqpipe.model.loading import load_model, pick_device
+from vqpipe.input.images import preprocess
+from vqpipe.read.tokens import Sampled, sample_rows
 from vqpipe.records import Preprocessed, ShardError
-from vqpipe.shards import iter_samples
+from vqpipe.input.shards import iter_samples
 
 CONSISTENCY_FLOOR = 0.999  # float16 storage may flip a code where two codewords are nearly equidistant
 DECODE_BATCH = 16  # rows per decoder pass: bounds activation memory at 256 px and above
@@ -62,7 +63,7 @@ def run_decode(config: RunConfig, num_samples: int = 64, seed: int = 0, out: str
     """Decode ``num_samples`` seeded rows of ``config.output.path`` and check them; writes
     report.json, report.html, grid.png and one {key}.png per row to ``out``. ``model``: the
     config's model, if the caller already loaded it."""
-    out = out or posixpath.join(config.output.path, "_vqpipe", "decode")
+    out = out or decode_dir(config.output.path)
     model = (model if model is not None else load_model(config.model)).to(pick_device())
     sampled = sample_rows(config.output.path, config.output.storage_options, num_samples, seed)
     meta = sampled.reference_metadata()
@@ -221,12 +222,12 @@ def _reconstruct(model, codes: np.ndarray | None, latents: np.ndarray | None, me
         else:
             part = torch.from_numpy(latents[start:start + DECODE_BATCH].astype(np.float32)).to(device)
             images = model.decode(part / meta["scaling_factor"]).sample
-        parts.append(_to_uint8(images.float().cpu(), meta["value_range"]))
+        parts.append(_to_pixels(images.float().cpu(), meta["value_range"]))
     size = meta["resolution"]
     return np.concatenate(parts) if parts else np.zeros((0, size, size, 3), np.uint8)
 
 
-def _to_uint8(images: torch.Tensor, value_range) -> np.ndarray:
+def _to_pixels(images: torch.Tensor, value_range) -> np.ndarray:
     low, high = value_range
     x = (images - low) / (high - low) * 255.0
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -19,7 +19,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
-from vqpipe.model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
+from vqpipe.model.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from vqpipe.model.errors import CheckpointError
 
 SCHEME = "hf://"
 # Revisions that contain "/" and need no percent-encoding (same rule as HfFileSystem).

@@ -5,7 +5,7 @@ whole, never extracted. Members are grouped into samples by key, following
 img2dataset/webdataset: ``a/b/000008.v2.jpg`` is key ``a/b/000008``, field ``v2.jpg``.
 Each member is read whole into memory -- fine for images, and bounded by
 ``max_member_bytes`` for hostile ones. A dropped connection mid-shard is retried where it
-broke (:class:`~vqpipe.retry.RetryingReader`), not from the start of the shard.
+broke (:class:`~vqpipe.output.retry.RetryingReader`), not from the start of the shard.
 
 Per-member and per-sample problems go to ``on_failure`` and the stream goes on; a problem
 with the shard itself raises :class:`~vqpipe.records.ShardError`, after the samples read so
@@ -25,7 +25,7 @@ from typing import Any
 import fsspec
 
 from vqpipe.records import Failure, Sample, ShardError
-from vqpipe.retry import RetryingReader
+from vqpipe.output.retry import RetryingReader
 
 OnFailure = Callable[[Failure], None]
 

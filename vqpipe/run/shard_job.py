@@ -22,12 +22,12 @@ import numpy as np
 
 from vqpipe import __version__, faults
 from vqpipe.config import InputConfig, OutputConfig, PreprocessConfig
-from vqpipe.encode import TokenEncoder
-from vqpipe.images import preprocess
-from vqpipe.prefetch import PrefetchStats, ordered_parallel_map
+from vqpipe.encode.encoder import TokenEncoder
+from vqpipe.input.images import preprocess
+from vqpipe.input.prefetch import PrefetchStats, ordered_parallel_map
 from vqpipe.records import Failure, Preprocessed, Sample
-from vqpipe.shards import iter_samples
-from vqpipe.sink import ShardWriter, TokenLayout
+from vqpipe.input.shards import iter_samples
+from vqpipe.output.sink import ShardWriter, TokenLayout
 
 FORMAT_VERSION = 1
 LATENTS_HOLD = ("pre-quantization h = quant_conv(encoder(x)), multiplied by scaling_factor; "
@@ -35,7 +35,7 @@ LATENTS_HOLD = ("pre-quantization h = quant_conv(encoder(x)), multiplied by scal
 
 
 @dataclass(frozen=True)
-class ShardJob:
+class ShardSettings:
     """What every shard of a run shares: the stages' configs and the output's layout."""
 
     input: InputConfig
@@ -67,8 +67,8 @@ class ShardResult:
     failures_by_reason: dict[str, int] = field(default_factory=dict)
 
 
-def make_job(input: InputConfig, preprocess_cfg: PreprocessConfig, output: OutputConfig, model, precision: str
-             ) -> ShardJob:
+def make_settings(input: InputConfig, preprocess_cfg: PreprocessConfig, output: OutputConfig, model, precision: str
+             ) -> ShardSettings:
     """Derive the output layout and lineage metadata from the loaded model."""
     cfg = model.config
     r = preprocess_cfg.resolution
@@ -86,10 +86,10 @@ def make_job(input: InputConfig, preprocess_cfg: PreprocessConfig, output: Outpu
         "resolution": r, "value_range": list(preprocess_cfg.value_range), "precision": precision,
         "image_keys": list(input.image_keys), "latents": LATENTS_HOLD,
     }
-    return ShardJob(input, preprocess_cfg, output, layout, metadata)
+    return ShardSettings(input, preprocess_cfg, output, layout, metadata)
 
 
-def process_shard(url: str, stem: str, job: ShardJob, encoder: TokenEncoder, pool: Executor,
+def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder, pool: Executor,
                   on_progress: Callable[[int], None] = lambda rows: None) -> ShardResult:
     """Encode every good sample of ``url`` into ``{output}/{stem}.parquet`` and commit it.
 
@@ -118,7 +118,6 @@ def process_shard(url: str, stem: str, job: ShardJob, encoder: TokenEncoder, poo
     except BaseException:
         writer.abort()
         raise
-    times.total_s = time.perf_counter() - started
     return ShardResult(url, stem, committed, rows, [f.to_dict() for f in failures], times, amp_fallbacks,
                        failures_by_reason=_count_reasons(failures))
 

@@ -1,0 +1,68 @@
+"""``vqpipe bench CONFIG``: how fast one worker runs on this machine, and what holds it back.
+
+The arguments live here; the measuring modules (torch) are imported only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vqpipe.config import ConfigError, load_config
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("bench", help="measure model, image-decoding and pipeline throughput of one "
+                                                 "worker on this machine")
+    _arguments(parser)
+    parser.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vqpipe bench", description=__doc__.splitlines()[0])
+    _arguments(parser)
+    try:
+        return cmd_bench(parser.parse_args(argv))
+    except ConfigError as err:
+        print(f"vqpipe: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides: model.batch_size=128")
+    parser.add_argument("--samples", type=int, default=256, metavar="N", help="images through the pipeline")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per figure (medians are shown)")
+    parser.add_argument("--jpeg-size", metavar="WxH", help="re-encode the input's photos as WxH JPEGs first")
+    parser.add_argument("--torch-threads", type=int, metavar="T",
+                        help="torch threads for the pipeline (CPU default: cores - decode threads)")
+    parser.add_argument("--json", metavar="OUT", help="append one JSON line per run to this history file")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.samples < 1 or args.repeats < 1:
+        raise ConfigError("--samples and --repeats must be >= 1")
+    if args.torch_threads is not None and args.torch_threads < 1:
+        raise ConfigError("--torch-threads must be >= 1")
+    from vqpipe.bench.measure import run_bench
+    from vqpipe.bench.report import append_history, format_report
+
+    config = load_config(args.config, args.overrides)
+    report = run_bench(config, args.samples, args.repeats, _jpeg_size(args.jpeg_size), args.torch_threads)
+    print(format_report(report, args.config))
+    if args.json:
+        append_history(args.json, report, args.config, args.overrides)
+    return 0
+
+
+def _jpeg_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--jpeg-size {text!r} is not WxH (e.g. 512x384)") from None
+    if width < 1 or height < 1:
+        raise ConfigError(f"--jpeg-size {text!r} must be positive")
+    return width, height

@@ -1,0 +1,1 @@
+"""Input stage: shard URLs -> streamed tar members -> samples -> preprocessed images."""

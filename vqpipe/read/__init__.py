@@ -1,0 +1,1 @@
+"""Reading back: token arrays, a PyTorch dataset, ``vqpipe inspect`` and ``vqpipe decode``."""
