@@ -7,23 +7,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/shardfactory.py, tests/s3server.py
 
-from vqpipe import VQModel  # noqa: E402
+from tinymodel import tiny_model  # noqa: E402
 
-TINY = dict(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, num_vq_embeddings=64)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> str:
     """A small random VQModel (f2, 64 codes) in diffusers layout: fast, and enough to check the
     pipeline's bookkeeping; quality checks use the shipped demo tokenizer."""
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-vq")
-    VQModel(**TINY).save_pretrained(str(path))
+    tiny_model().save_pretrained(str(path))
     return str(path)
 
 

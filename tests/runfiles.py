@@ -3,12 +3,20 @@ config around them, and the sample keys a finished run wrote."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
 
 import shardfactory as sf
+from vqpipe import faults
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
@@ -46,3 +54,20 @@ def write_config(tmp_path: Path, model: str, urls: str, out: Path, **sections) -
 
 def written_keys(out: Path) -> list[str]:
     return [k for f in sorted(out.glob("*.parquet")) for k in pq.read_table(f, columns=["key"]).column("key").to_pylist()]
+
+
+@contextlib.contextmanager
+def slow_driver(config: Path, stems: Sequence[str], seconds: float = 1.0) -> Iterator[subprocess.Popen]:
+    """``vqpipe run CONFIG`` in a process group of its own, each shard held ``seconds`` after its
+    first batch (so a test can catch it mid-run); SIGKILLed with the Ray cluster it started when
+    the block ends, as a preempted node would be."""
+    plan = [{"stem": stem, "after_batches": 1, "action": "sleep", "seconds": seconds} for stem in stems]
+    env = dict(os.environ, **{faults.ENV: json.dumps(plan)})
+    driver = subprocess.Popen([sys.executable, "-m", "vqpipe.cli", "run", str(config)], env=env,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield driver
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+

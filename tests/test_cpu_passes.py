@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from vqpipe import VQModel
+from tinymodel import tiny_model
 from vqpipe.encode.cpu_passes import (FALLBACK_CACHE_BYTES, Streams, cache_per_stream, cpu_micro_batch,
                                last_level_cache)
 from vqpipe.encode.encoder import TokenEncoder
@@ -67,14 +67,11 @@ def test_streams_run_single_threaded_and_leave_the_caller_alone():
         streams.close()
 
 
-CONFIG = dict(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-              up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, num_vq_embeddings=64)
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return VQModel(**CONFIG).eval()
+    return tiny_model()
 
 
 @pytest.mark.parametrize("compile, streams", [(False, 1), (False, 2), (True, "auto")])
@@ -92,7 +89,11 @@ def test_passes_give_the_same_tokens_as_one_batch(model, compile, streams):
 
 def test_auto_passes_are_cache_sized_on_cpu(model):
     encoder = TokenEncoder(model, torch.device("cpu"), "fp32", False, 16, (-1.0, 1.0), streams=2)
-    assert encoder.forward_batch(128, 128) == cpu_micro_batch(16, 32, 128, 128, cache_per_stream(2))
+    # One 128 px image's live first-stage activations: 3 x 32 channels x 128 x 128 x 4 bytes = 6 MiB.
+    encoder._cache = (24 * 2**20, 2)  # 24 MiB shared by both streams: 12 MiB each, room for 2
+    assert encoder.forward_batch(128, 128) == 2
+    encoder._cache = (40 * 2**20, 1)  # a cache per stream: room for 6 -> 3 equal passes of 6 (not 6+6+4)
+    assert encoder.forward_batch(128, 128) == 6
     assert encoder.forward_batch(8, 8) == 16  # tiny images: one pass
     capped = TokenEncoder(model, torch.device("cpu"), "fp32", False, 4, (-1.0, 1.0), micro_batch=32)
     assert capped.forward_batch(8, 8) == 4  # never more than the batch

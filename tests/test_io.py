@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 import pyarrow as pa
 import pytest
 
@@ -76,6 +77,10 @@ def test_listing_skips_markers_and_reads_metadata(tmp_path):
 def test_sample_rows_keeps_each_rows_file_and_reads_only_its_row_groups(tmp_path, monkeypatch):
     monkeypatch.setattr(sink, "ROW_GROUP_ROWS", 4)
     codes, _ = write_output(str(tmp_path), 3, 10)
+    requested = []  # the real reader, watched: which row groups each read asks for
+    real_read = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups",
+                        lambda self, groups, **kw: requested.append(sorted(groups)) or real_read(self, groups, **kw))
     sampled = sample_rows(str(tmp_path), {}, 7, seed=3)
     keys = sampled.table.column("key").to_pylist()
     assert len(keys) == len(set(keys)) == 7
@@ -83,6 +88,11 @@ def test_sample_rows_keeps_each_rows_file_and_reads_only_its_row_groups(tmp_path
     assert np.array_equal(codes_array(sampled.table), codes[rows])
     assert [f.rsplit("/", 1)[-1] for f in sampled.table.column("file").to_pylist()] == [
         f"shard-{r // 10:05d}.parquet" for r in rows]
+    # 10 rows a file in groups of 4: row r of a file lives in group (r % 10) // 4, and no other is read
+    by_file = {}
+    for r in rows:
+        by_file.setdefault(r // 10, set()).add((r % 10) // 4)
+    assert sorted(requested) == sorted(sorted(g) for g in by_file.values())
     assert sample_rows(str(tmp_path), {}, 7, seed=3).table.equals(sampled.table)  # seeded
     assert sample_rows(str(tmp_path), {}, 100, seed=0).table.num_rows == 30
     assert sampled.reference_metadata() == {"num_vq_embeddings": 1000} and not sampled.skipped

@@ -138,9 +138,9 @@ def test_slow_sink_holds_back_reading_and_decoding(tmp_path, tiny_model_path, mo
     with ThreadPoolExecutor(2) as pool:
         result = shard_job.process_shard(str(shard), "slow", job, encoder, pool)
     assert result.rows == counts["written"] == n
-    max_pending = 2 * batch + 8  # what process_shard hands ordered_parallel_map
-    # queue + the item in the producer's hand + a batch being assembled + the batch being written
-    bound = max_pending + 1 + 2 * batch
+    # The promise for batch 4: a read-ahead of two batches plus 8 (16), the item in the producer's
+    # hand, a batch being assembled and the batch being written: 25 samples, out of a 400-sample shard.
+    bound = 25
     print(f"\nslow sink: at most {ahead['read']} samples read and {ahead['decoded']} decoded ahead of the "
           f"rows written (bound {bound}, shard {n})")
     assert ahead["read"] <= bound and ahead["decoded"] <= bound

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import pyarrow.parquet as pq
@@ -16,7 +12,7 @@ import shardfactory as sf
 from vqpipe import cli, faults
 from vqpipe.config import load_config
 from vqpipe.run.driver import ShardWorker, worker_shape
-from runfiles import make_shards, write_config, written_keys
+from runfiles import make_shards, slow_driver, write_config, written_keys
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -170,19 +166,12 @@ def test_killed_driver_resumes_exactly_once(tmp_path, tiny_model_path):
     out = tmp_path / "out"
     config = write_config(tmp_path, tiny_model_path, str(tmp_path / "in" / "shard-*.tar"), out,
                           ray={"num_workers": 1})
-    env = dict(os.environ, **{faults.ENV: json.dumps([
-        {"stem": f"shard-{s:05d}", "after_batches": 1, "action": "sleep", "seconds": 1.0} for s in range(6)])})
-    driver = subprocess.Popen([sys.executable, "-m", "vqpipe.cli", "run", str(config)], env=env,
-                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with slow_driver(config, [f"shard-{s:05d}" for s in range(6)]):
         deadline = time.time() + 120
         markers = out / "_vqpipe" / "shards"
         while time.time() < deadline and len(list(markers.glob("*.json"))) < 2:
             time.sleep(0.2)
         assert len(list(markers.glob("*.json"))) >= 2, "the driver committed nothing in time"
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
-        driver.wait()
     committed = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.parquet")
                  if (markers / f"{p.stem}.json").exists()}
     assert 2 <= len(committed) < 6

@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,8 +28,8 @@ import torch
 import faultyfs
 import shardfactory as sf
 from s3server import CREDENTIALS, S3Bucket, moto_endpoint, s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
-from runfiles import make_shards, write_config, written_keys
-from vqpipe import cli, faults
+from runfiles import make_shards, slow_driver, write_config, written_keys
+from vqpipe import cli
 from vqpipe.output import retry
 from vqpipe.output.arrays import fixed_list_to_numpy
 from vqpipe.config import InputConfig, ModelConfig, OutputConfig, PreprocessConfig
@@ -207,11 +206,7 @@ def test_killed_driver_resumes_exactly_once_on_s3(tmp_path, tiny_model_path, s3_
                           input={"storage_options": options}, output={"storage_options": options},
                           ray={"num_workers": 1})
     fs, root = fsspec.core.url_to_fs(out, **options)
-    env = dict(os.environ, **{faults.ENV: json.dumps([
-        {"stem": f"shard-{s:05d}", "after_batches": 1, "action": "sleep", "seconds": 1.0} for s in range(5)])})
-    driver = subprocess.Popen([sys.executable, "-m", "vqpipe.cli", "run", str(config)], env=env,
-                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with slow_driver(config, [f"shard-{s:05d}" for s in range(5)]):
         deadline = time.time() + 180
         while time.time() < deadline and len(objects(s3_bucket, "out/_vqpipe/shards/")) < 1:
             time.sleep(0.2)
@@ -220,9 +215,6 @@ def test_killed_driver_resumes_exactly_once_on_s3(tmp_path, tiny_model_path, s3_
         while time.time() < deadline and len(objects(s3_bucket, "out/_vqpipe/shards/")) < max(2, len(cached) + 1):
             time.sleep(0.2)
         assert len(objects(s3_bucket, "out/_vqpipe/shards/")) >= 2, "the driver committed nothing in time"
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
-        driver.wait()
     markers = objects(s3_bucket, "out/_vqpipe/shards/")
     committed = {f"out/{Path(k).stem}.parquet" for k in markers}
     before = {k: v for k, v in objects(s3_bucket, "out/").items() if k in committed}

@@ -1,17 +1,20 @@
 """vqpipe: pre-tokenize a WebDataset image corpus into VQ codes and latents, written to Parquet.
 
-ARCHITECTURE — data flows one way; each arrow is a module:
+ARCHITECTURE — data flows one way; each stage is a folder, each arrow a module in it:
 
-    shard URL --urls--> samples --shards--> preprocessed images --images--> batches (prefetch)
-      --encode (VQModel.tokenize)--> codes + scaled latents --sink--> {stem}.parquet + commit marker
+    shard URL --input/urls--> tar members --input/shards--> samples --input/images--> pixels
+      --input/prefetch--> batches --encode/encoder (VQModel.tokenize)--> codes + scaled latents
+      --output/sink--> {stem}.parquet + commit marker (names: output/layout)
 
-``shard_job.process_shard`` runs that chain for one shard with no Ray in it; ``driver`` (the only
-Ray module) hands shard URLs from a queue to GPU-pinned actors that each hold one model; ``plan``
-decides what is left to do; ``cli`` validates the config (``config``) at the edge and starts it.
+``run/shard_job.process_shard`` runs that chain for one shard with no Ray in it; ``run/driver``
+(the only Ray module) hands shard URLs from a queue to GPU-pinned actors that each hold one model;
+``run/plan`` decides what is left to do, ``run/manifest`` what an output folder may hold,
+``run/execute`` runs one plan start to end; ``cli`` validates the config (``config``) at the edge.
 
-Reading back: ``io`` (Arrow / NumPy), ``dataset`` (a PyTorch ``IterableDataset``), ``stats``
-(``vqpipe inspect``), ``verify`` (``vqpipe decode``: tokens back to images, with checks). The
-model lives in ``vqpipe.model``; ``hub`` resolves ``hf://`` checkpoints.
+Reading back (``read/``): ``tokens`` (Arrow / NumPy), ``dataset`` (a PyTorch ``IterableDataset``),
+``inspect`` (``vqpipe inspect``), ``decode_job`` (``vqpipe decode``: tokens back to images, with
+checks). The model lives in ``model/`` (``loading`` resolves ``demo`` and ``hf://`` paths);
+``bench/`` measures one worker (``vqpipe bench``).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ class TokenEncoder:
 
     def __init__(self, model: VQModel, device: torch.device, precision: str, compile: bool | str,
                  batch_size: int, value_range: tuple[float, float], micro_batch: int | str = "auto",
-                 streams: int | str = "auto"):
+                 streams: int | str = "auto", compile_backend: str = "inductor"):
         self.device = device
         self.model = model.to(device)
         self.autocast_dtype = model.autocast_dtype(precision, device)
@@ -64,15 +64,15 @@ class TokenEncoder:
             # oneDNN: the demo encoder ran 31 img/s frozen vs 28 compiled unfrozen vs 26 eager
             # (tests/benchmarks/bench_model.py, 2 threads, 128 px, batch 16), codes identical.
             # Inference only, which is all this class does.
-            options = {"freezing": True} if device.type == "cpu" else None
-            self._tokenize = torch.compile(model.tokenize, dynamic=False, options=options)
+            # (Other backends, e.g. "eager" in tests of the padding, take no inductor options.)
+            options = {"freezing": True} if device.type == "cpu" and compile_backend == "inductor" else None
+            self._tokenize = torch.compile(model.tokenize, dynamic=False, backend=compile_backend, options=options)
         self.amp_fallback_batches = 0
         self._fixed_streams = None if streams == "auto" else int(streams)
         self._streams: Streams | None = None
         # The stream count _streams was made for; _streams stays None for 1, or if torch refused.
         self._streams_for = 1
         self._cache = last_level_cache() if device.type == "cpu" else None
-
 
     @classmethod
     def from_config(cls, model: VQModel, device: torch.device, config: RunConfig) -> "TokenEncoder":
