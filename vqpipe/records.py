@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -76,3 +78,13 @@ class ShardError(Exception):
     def __reduce__(self):
         # Crosses process boundaries (Ray): rebuild from both fields, not from str(self).
         return (ShardError, (self.reason, self.message))
+
+
+def sum_reasons(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Failures by reason added up over shards (results, markers), most frequent first: the one
+    place such counts are summed, for the summary, the manifest, the guard and ``inspect``."""
+    total: collections.Counter = collections.Counter()
+    for c in counts:
+        total.update({reason: int(n) for reason, n in c.items()})
+    return dict(total.most_common())
+

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from vqpipe.output import retry
 from vqpipe.output.arrays import fixed_list_to_numpy
 from vqpipe.read.tokens import data_file_sizes, vqpipe_metadata
-from vqpipe.records import ShardErrorReason
+from vqpipe.records import ShardErrorReason, sum_reasons
 from vqpipe.output.layout import FAILED_DIR, MARKER_DIR
 
 TOP_CODES = 10
@@ -119,7 +119,7 @@ def inspect_output(path: str, storage_options: dict | None = None) -> OutputStat
         raise FileNotFoundError(f"{path}: no vqpipe output here (no Parquet files, no _vqpipe/ records)")
     stems = {posixpath.basename(p)[: -len(".parquet")] for p in sizes}
     shards = ShardStats(committed=len(committed), failed=failed, data_files=len(sizes),
-                        without_marker=len(stems - committed), failed_samples_by_reason=_sum_counts(by_reason))
+                        without_marker=len(stems - committed), failed_samples_by_reason=sum_reasons(by_reason))
     stats = OutputStats(path, shards, rows=0, data_bytes=sum(sizes.values()))
     if sizes:
         _scan(fs, sorted(sizes), stats)
@@ -275,14 +275,6 @@ def _count(items) -> dict[str, int]:
     for item in items:
         counts[item] = counts.get(item, 0) + 1
     return counts
-
-
-def _sum_counts(dicts) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for counts in dicts:
-        for reason, n in counts.items():
-            total[reason] = total.get(reason, 0) + int(n)
-    return dict(sorted(total.items(), key=lambda item: -item[1]))
 
 
 def format_text(stats: OutputStats) -> str:

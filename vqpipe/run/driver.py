@@ -27,7 +27,8 @@ from vqpipe.encode.encoder import TokenEncoder
 from vqpipe.model.loading import load_model, pick_device
 from vqpipe.output.folder import remove_json, write_json
 from vqpipe.output.layout import failure_record
-from vqpipe.run.outcome import Outcome, sum_reasons
+from vqpipe.records import sum_reasons
+from vqpipe.run.outcome import Outcome
 from vqpipe.run.plan import Plan
 from vqpipe.run.progress import Progress
 from vqpipe.run.shard_job import ShardResult, make_settings, process_shard
@@ -288,7 +289,7 @@ class Driver:
         total = sum(r.rows for r in self.guard_seen) + sum(reasons.values())
         if not reasons or not total:
             return
-        reason, count = reasons.most_common(1)[0]
+        reason, count = next(iter(reasons.items()))  # most frequent first
         if count / total >= cfg.guard_fail_fraction:
             self.outcome.aborted = guard_message(reason, count, total, len(self.guard_seen), self.config)
 

@@ -39,7 +39,7 @@ def execute(config: RunConfig, plan: Plan, job: ShardSettings, fingerprint: dict
 
 
 def _totals(outcome: Outcome, plan: Plan, wall: float) -> dict:
-    reasons = dict(outcome.failures_by_reason())
+    reasons = outcome.failures_by_reason()
     rows = outcome.rows
     stages = {k: round(sum(getattr(r.times, k) for r in outcome.committed.values()), 3)
               for k in ("read_s", "decode_s", "encode_s", "write_s", "wait_s")}

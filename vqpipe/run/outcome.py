@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from vqpipe.records import sum_reasons
 from vqpipe.run.shard_job import ShardResult
-
-
-def sum_reasons(counts: Iterable[dict[str, int]]) -> collections.Counter:
-    """Failures by reason, added up over shards (markers, results): the one place they are summed."""
-    total: collections.Counter = collections.Counter()
-    for c in counts:
-        total.update(c)
-    return total
 
 
 @dataclass
@@ -28,5 +20,5 @@ class Outcome:
     def rows(self) -> int:
         return sum(r.rows for r in self.committed.values())
 
-    def failures_by_reason(self) -> collections.Counter:
+    def failures_by_reason(self) -> dict[str, int]:
         return sum_reasons(r.failures_by_reason for r in self.committed.values())

@@ -57,7 +57,7 @@ def summary_table(outcome: "Outcome", skipped: int, wall_s: float, output: str) 
         ("shards skipped (already committed)", str(skipped)),
         ("samples written", str(rows)),
         ("samples failed", str(sum(reasons.values()))),
-        *((f"  {reason}", str(n)) for reason, n in reasons.most_common()),
+        *((f"  {reason}", str(n)) for reason, n in reasons.items()),
         ("wall time", _duration(wall_s)),
         ("images/s", f"{rows / wall_s:.1f}" if wall_s > 0 else "-"),
         ("output", output),
