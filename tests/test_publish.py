@@ -24,11 +24,13 @@ SECRETS = ("AKIAEXAMPLEKEY", "s3cr3t-value", "minio.internal", "hf_sentinelTOKEN
 
 @pytest.fixture(scope="module")
 def run_output(tmp_path_factory, tiny_model_path, ray_cluster) -> Path:
-    """A finished `vqpipe run` (2 shards of 4 good samples and 1 imageless one, codes and latents)."""
+    """A finished `vqpipe run` (2 shards of 4 good samples and 1 imageless one, codes and latents),
+    and `vqpipe decode`'s report on it."""
     tmp = tmp_path_factory.mktemp("publish")
     make_shards(tmp / "in", 2, per_shard=4)
     config = write_config(tmp, tiny_model_path, str(tmp / "in" / "shard-*.tar"), tmp / "out")
     assert cli.main(["run", str(config)]) == 0
+    assert cli.main(["decode", str(config), "--num-samples", "4"]) in (0, 1)  # a random model may miss a check
     return tmp / "out"
 
 
@@ -57,8 +59,11 @@ def test_card_parses_and_declares_the_arrays(output):
     assert features["latents"]["dtype"] == {"array3_d": {"shape": [4, 16, 16], "dtype": "float16"}}
     assert features["key"]["dtype"] == "string" and features["width"]["dtype"] == "int32"
     for words in ("## Lineage", "weights sha256", "scaling factor", "rows: 8", "failed samples: no_image 2",
-                  "perplexity", "scaling_factor for unit variance", "load_dataset", "polars", "duckdb", "TokenDataset"):
+                  "perplexity", "scaling_factor for unit variance", "load_dataset", "polars", "duckdb", "TokenDataset",
+                  "## Fidelity (`vqpipe decode`)", "Mean PSNR", "![originals and reconstructions](_vqpipe/publish/grid.png)"):
         assert words in card.text
+    report = json.loads((output / "_vqpipe/decode/report.json").read_text())
+    assert all(check["name"] in card.text for check in report["checks"])
 
 
 def test_load_dataset_uses_the_card(output, monkeypatch, tmp_path):
@@ -117,7 +122,7 @@ def test_dry_run_lists_exactly_what_the_upload_sends(output, monkeypatch, capsys
     printed = capsys.readouterr().out
     assert not hub.calls, "--dry-run must send nothing"
     listed = dry_run_files(printed)
-    assert "README.md" in listed and "_vqpipe/publish/run.json" in listed
+    assert {"README.md", "_vqpipe/publish/run.json", "_vqpipe/publish/grid.png"} <= set(listed)
     assert sum(name.endswith(".parquet") for name in listed) == 2
     assert (output / "README.md").read_text() in printed  # the card written is the card printed
     assert cli.main(["publish", str(output), REPO, "--private", "--revision", "v1"]) == 0
@@ -131,9 +136,8 @@ def test_nothing_secret_is_published(output, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_sentinelTOKEN")
     plan = publish.prepare(str(output), REPO)
     for path in plan.files:
-        if not path.endswith(".parquet"):
-            text = (output / path).read_text()
-            assert not [s for s in SECRETS if s in text], path
+        data = (output / path).read_bytes()
+        assert not [s for s in SECRETS if s.encode() in data], path
     assert not any("_vqpipe/shards" in p or p == "_vqpipe/run.json" for p in plan.files)
     published = json.loads((output / "_vqpipe/publish/run.json").read_text())
     assert published["config"]["output"]["storage_options"] == publish.UNPUBLISHED
