@@ -163,3 +163,8 @@ def test_refuses_a_partial_output(output, capsys, damage, words):
 def _set_status(out: Path, status: str) -> None:
     path = out / "_vqpipe/run.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "status": status}))
+
+
+def test_an_empty_folder_is_refused_even_with_allow_partial(tmp_path, capsys):
+    assert cli.main(["publish", str(tmp_path), REPO, "--dry-run", "--allow-partial"]) == 2
+    assert "no Parquet files to publish" in capsys.readouterr().err

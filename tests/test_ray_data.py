@@ -108,3 +108,17 @@ def test_read_images_input(shards, tmp_path):
     assert sorted(r["key"] for r in rows) == ["chelsea", "coffee", "rocket"]
     assert all(r["reason"] is None and np.asarray(r["codes"]).shape == (16, 16) for r in rows)
     assert {(r["width"], r["height"]) for r in rows} == {(64, 48)}
+
+
+def test_only_the_driver_and_the_ray_data_integration_import_ray():
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "vqpipe"
+    importers = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                importers.add(path.name)
+    assert importers <= {"driver.py", "ray_data.py"}, importers

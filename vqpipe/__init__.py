@@ -12,6 +12,10 @@ decides what is left to do; ``cli`` validates the config (``config``) at the edg
 Reading back: ``io`` (Arrow / NumPy), ``dataset`` (a PyTorch ``IterableDataset``), ``stats``
 (``vqpipe inspect``), ``verify`` (``vqpipe decode``: tokens back to images, with checks). The
 model lives in ``vqpipe.model``; ``hub`` resolves ``hf://`` checkpoints.
+
+Sharing and other engines: ``publish`` (``vqpipe publish``: a finished output and its
+``dataset_card`` to the Hugging Face Hub); ``ray_data`` (the same tokenizer as a Ray Data
+``map_batches`` class, and outputs read back as Ray Data tensors; it imports Ray by design).
 """
 
 from vqpipe.model import VQModel

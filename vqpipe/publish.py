@@ -60,6 +60,8 @@ def prepare(out: str, repo_id: str, allow_partial: bool = False) -> PublishPlan:
     """Check ``out``, write the card and the files to publish into it; upload nothing."""
     folder = _local_folder(out)
     problems = incomplete(folder)
+    if not data_file_sizes(str(folder)):
+        raise NotPublishable(f"{out}: no Parquet files to publish")
     if problems and not allow_partial:
         raise NotPublishable(f"{out} is not a complete output: {'; '.join(problems)}. Finish the run "
                              "(run the same `vqpipe run` again), or publish it anyway with --allow-partial")
