@@ -122,3 +122,18 @@ def test_only_the_driver_and_the_ray_data_integration_import_ray():
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 importers.add(path.name)
     assert importers <= {"driver.py", "ray_data.py"}, importers
+
+
+def test_readme_reading_snippet_runs(shards):
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Inside a Ray Data pipeline"):]
+    section = section[: section.index("\n## ", 1)]
+    snippets = [s for s in re.findall(r"```python\n(.*?)```", section, flags=re.S) if "out/demo" in s]
+    assert snippets
+    for code in snippets:
+        namespace: dict = {}
+        exec(compile(code.replace("out/demo", str(shards["run"])), "README Ray Data snippet", "exec"), namespace)
+        assert namespace["batch"]["codes"].shape == (4, 16, 16)
+        assert namespace["codes"].dtype == torch.int64 and tuple(namespace["codes"].shape[1:]) == (16, 16)

@@ -163,8 +163,10 @@ def selection(folder: Path) -> dict[str, int]:
 
 def upload(plan: PublishPlan, private: bool = False, revision: str | None = None, api=None) -> None:
     """Create the dataset repo (and branch) if needed, then upload the plan's files, resumably."""
-    from huggingface_hub import HfApi
-
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise NotPublishable("uploading needs huggingface_hub: pip install 'vqpipe[hf]' (--dry-run does not)") from None
     api = api or HfApi()  # token=None: HF_TOKEN or the saved login, as huggingface_hub resolves it
     api.create_repo(plan.repo_id, repo_type="dataset", private=private, exist_ok=True)
     if revision:
