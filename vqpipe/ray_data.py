@@ -31,12 +31,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
+import torch
 from PIL import Image
 
 from vqpipe import io as token_io
 from vqpipe import storage
 from vqpipe.arrays import fixed_list_to_numpy, to_fixed_list_array
-from vqpipe.config import RunConfig, build, semantic_checks
+from vqpipe.config import PreprocessConfig, RunConfig, build, semantic_checks
 from vqpipe.encode import TokenEncoder, load_model, pick_device
 from vqpipe.images import DEFAULT_IMAGE_KEYS, Rejected, preprocess, resize_center_crop, to_rgb
 from vqpipe.records import Failure, Preprocessed, Sample
@@ -77,9 +78,8 @@ class Tokenize:
         precision_name = str(loaded.autocast_dtype(config.model.precision, device) or "fp32").replace("torch.", "")
         self.job: ShardJob = make_job(config.input, config.preprocess, config.output, loaded, precision_name)
         self.schema = output_schema(self.job)
-        # Ray gives an actor's torch as many threads as it has CPUs: decode on as many.
-        self.pool = ThreadPoolExecutor(decode_threads or max(1, len(os.sched_getaffinity(0))),
-                                       thread_name_prefix="vqpipe-decode")
+        # Ray sets an actor's torch threads to its num_cpus (OMP_NUM_THREADS): decode on as many.
+        self.pool = ThreadPoolExecutor(decode_threads or torch.get_num_threads(), thread_name_prefix="vqpipe-decode")
 
     def __call__(self, batch: dict[str, np.ndarray] | pa.Table) -> pa.Table:
         rows = _rows(batch)
@@ -94,12 +94,10 @@ class Tokenize:
     def _preprocess(self, row: dict[str, Any]) -> Preprocessed | Failure:
         key, cfg = _key(row), self.job.preprocess
         image = row.get("image")
-        if isinstance(image, np.ndarray):
-            return _from_array(key, image, cfg.resolution, row)
         fields = _fields(row)
         arrays = [k for k in self.job.input.image_keys if isinstance(fields.get(k), np.ndarray)]
-        if arrays:
-            return _from_array(key, fields[arrays[0]], cfg.resolution, row)
+        if isinstance(image, np.ndarray) or arrays:
+            return _from_array(key, image if isinstance(image, np.ndarray) else fields[arrays[0]], cfg, fields)
         sample = Sample(key, {k: v for k, v in fields.items() if isinstance(v, bytes)}, _source(row))
         return preprocess(sample, self.job.input.image_keys, cfg.resolution, cfg.min_size, max_pixels=cfg.max_pixels)
 
@@ -186,7 +184,8 @@ def _fields(row: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def _from_array(key: str, pixels: np.ndarray, resolution: int, row: dict[str, Any]) -> Preprocessed | Failure:
+def _from_array(key: str, pixels: np.ndarray, cfg: PreprocessConfig, fields: dict[str, Any]
+                ) -> Preprocessed | Failure:
     """An image a reader already decoded -> the model's input, resized and cropped as vqpipe does."""
     try:
         img = to_rgb(Image.fromarray(np.asarray(pixels)))
@@ -194,10 +193,11 @@ def _from_array(key: str, pixels: np.ndarray, resolution: int, row: dict[str, An
         return Failure(key, "unsupported_mode", f"{pixels.dtype} {pixels.shape}: {err}")
     except Rejected as err:
         return Failure(key, err.reason, str(err))
-    fields = _fields(row)
+    if min(img.size) < cfg.min_size:
+        return Failure(key, "too_small", f"{img.width}x{img.height} is below min_size {cfg.min_size}")
     caption = fields["txt"].decode("utf-8", errors="replace") if isinstance(fields.get("txt"), bytes) else None
     metadata = fields["json"].decode("utf-8", errors="replace") if isinstance(fields.get("json"), bytes) else None
-    return Preprocessed(key, resize_center_crop(img, resolution), img.width, img.height, caption, metadata)
+    return Preprocessed(key, resize_center_crop(img, cfg.resolution), img.width, img.height, caption, metadata)
 
 
 def drop_failures(batch: pa.Table) -> pa.Table:
