@@ -168,3 +168,31 @@ def _set_status(out: Path, status: str) -> None:
 def test_an_empty_folder_is_refused_even_with_allow_partial(tmp_path, capsys):
     assert cli.main(["publish", str(tmp_path), REPO, "--dry-run", "--allow-partial"]) == 2
     assert "no Parquet files to publish" in capsys.readouterr().err
+
+
+def test_large_folder_upload_gets_the_same_selection(output):
+    """Where huggingface_hub still has ``upload_large_folder`` (0.x-1.x), it is the one called, and
+    its patterns, applied the way huggingface_hub applies them, select exactly the dry-run's files."""
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
+    class LargeFolderApi:
+        def __init__(self):
+            self.calls: dict[str, dict] = {}
+
+        def create_repo(self, repo_id, **kwargs):
+            self.calls["create_repo"] = kwargs
+
+        def upload_large_folder(self, **kwargs):
+            self.calls["upload_large_folder"] = kwargs
+
+    plan = publish.prepare(str(output), REPO)
+    (output / ".cache" / "huggingface").mkdir(parents=True)
+    (output / ".cache" / "huggingface" / "upload.lock").write_text("")  # the upload's own resume state
+    api = LargeFolderApi()
+    publish.upload(plan, private=True, api=api)
+    call = api.calls["upload_large_folder"]
+    assert call["repo_type"] == "dataset" and call["private"] is True and Path(call["folder_path"]) == output
+    every = sorted(p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file())
+    chosen = filter_repo_objects(every, allow_patterns=call["allow_patterns"],
+                                 ignore_patterns=call["ignore_patterns"] + DEFAULT_IGNORE_PATTERNS)
+    assert sorted(chosen) == list(plan.files)
