@@ -149,7 +149,8 @@ def test_nothing_secret_is_published(output, monkeypatch):
     (lambda out: (out / "shard-00000.parquet").unlink(), "commit markers whose data file is missing (shard-00000)"),
     (lambda out: _set_status(out, "running"), "status is 'running'"),
     (lambda out: (out / "_vqpipe/run.json").unlink(), "no _vqpipe/run.json"),
-], ids=["no-marker", "no-data", "running", "no-manifest"])
+    (lambda out: _set(out, totals={"shards": 3}), "2 of 3 shards committed"),  # a --limit-shards run is "complete"
+], ids=["no-marker", "no-data", "running", "no-manifest", "limited"])
 def test_refuses_a_partial_output(output, capsys, damage, words):
     damage(output)
     assert cli.main(["publish", str(output), REPO, "--dry-run"]) == 2
@@ -161,8 +162,12 @@ def test_refuses_a_partial_output(output, capsys, damage, words):
 
 
 def _set_status(out: Path, status: str) -> None:
+    _set(out, status=status)
+
+
+def _set(out: Path, **entries) -> None:
     path = out / "_vqpipe/run.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "status": status}))
+    path.write_text(json.dumps({**json.loads(path.read_text()), **entries}))
 
 
 def test_an_empty_folder_is_refused_even_with_allow_partial(tmp_path, capsys):

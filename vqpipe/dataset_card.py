@@ -104,8 +104,8 @@ def _lineage(inputs: CardInputs) -> str:
     }
     table = "\n".join(f"| {k} | `{v}` |" for k, v in rows.items())
     config = json.dumps(meta.get("model_config", {}), indent=1, sort_keys=True)
-    return (f"## Lineage\n\n| | |\n|---|---|\n{table}\n\n`latents` hold {meta.get('latents', '-')}.\n\n"
-            f"Model config:\n\n```json\n{config}\n```")
+    latents = f"`latents` hold {meta.get('latents', '-')}.\n\n" if "latents" in inputs.schema.names else ""
+    return f"## Lineage\n\n| | |\n|---|---|\n{table}\n\n{latents}Model config:\n\n```json\n{config}\n```"
 
 
 def _model_section(manifest: dict | None) -> dict:
