@@ -41,7 +41,7 @@ def tokenize(shards: dict, out: Path) -> tuple[Path, Path]:
     ds = ray.data.read_webdataset(shards["urls"], decoder=None)
     tokens = ds.map_batches(Tokenize, fn_constructor_kwargs={"model": shards["model"], "resolution": RESOLUTION,
                                                              "batch_size": 2},
-                            concurrency=1, num_gpus=1, batch_size=3).materialize()
+                            compute=ray.data.ActorPoolStrategy(size=1), num_gpus=1, batch_size=3).materialize()
     tokens.map_batches(drop_failures, batch_format="pyarrow").write_parquet(str(out / "tokens"))
     tokens.map_batches(only_failures, batch_format="pyarrow").write_parquet(str(out / "failures"))
     return out / "tokens", out / "failures"
@@ -104,7 +104,7 @@ def test_read_images_input(shards, tmp_path):
         sf.photo(name, (64, 48)).save(folder / f"{name}.png")
     ds = ray.data.read_images(str(folder), include_paths=True, mode="RGB")
     rows = ds.map_batches(Tokenize, fn_constructor_kwargs={"model": shards["model"], "resolution": RESOLUTION},
-                          concurrency=1, batch_size=2).take_all()
+                          compute=ray.data.ActorPoolStrategy(size=1), batch_size=2).take_all()
     assert sorted(r["key"] for r in rows) == ["chelsea", "coffee", "rocket"]
     assert all(r["reason"] is None and np.asarray(r["codes"]).shape == (16, 16) for r in rows)
     assert {(r["width"], r["height"]) for r in rows} == {(64, 48)}

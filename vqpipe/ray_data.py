@@ -2,7 +2,7 @@
 
     ds = ray.data.read_webdataset(urls, decoder=None)          # raw bytes: vqpipe decodes them itself
     tokens = ds.map_batches(Tokenize, fn_constructor_kwargs={"model": "demo", "resolution": 128},
-                            concurrency=4, num_gpus=1, batch_size=64).materialize()
+                            compute=ray.data.ActorPoolStrategy(size=4), num_gpus=1, batch_size=64).materialize()
     tokens.map_batches(drop_failures, batch_format="pyarrow").write_parquet("out/tokens")
     tokens.map_batches(only_failures, batch_format="pyarrow").write_parquet("out/failures")
 

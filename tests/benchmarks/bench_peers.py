@@ -20,7 +20,7 @@ Variants, each writing Parquet for every shard:
   ``TokenEncoder`` (vqpipe's model code, so only the pipeline differs) -> ``write_parquet``.
 * Ray Data + vqpipe.ray_data: ``read_webdataset(decoder=None)`` (raw bytes) -> ``map_batches`` with
   ``vqpipe.ray_data.Tokenize`` (vqpipe's preprocessing and ``TokenEncoder`` in one actor,
-  ``concurrency=1``, one CPU as for Ray Data above) -> ``drop_failures`` -> ``write_parquet``: the
+  an actor pool of one, one CPU as for Ray Data above) -> ``drop_failures`` -> ``write_parquet``: the
   recipe of the README's "Ray Data" section.
 * vqpipe run: ``vqpipe.cli.main(["run", ...])``, the real command, on the same local Ray;
   ``vqpipe-run-2w`` uses ``ray.num_workers=2 ray.cpus_per_worker=1`` (two workers, one torch thread each).
@@ -230,7 +230,7 @@ def ray_data_vqpipe_run(model_path: str, urls: list[str], out: Path) -> int:
     ds = ray.data.read_webdataset(urls, decoder=None)
     ds = ds.map_batches(Tokenize, fn_constructor_kwargs={"model": model_path, "resolution": RESOLUTION,
                                                          "precision": "fp32", "batch_size": BATCH, "compile": False},
-                        batch_size=BATCH, concurrency=1)
+                        batch_size=BATCH, compute=ray.data.ActorPoolStrategy(size=1))
     ds.map_batches(drop_failures, batch_format="pyarrow").write_parquet(str(out))
     import pyarrow.parquet as pq
 
