@@ -15,6 +15,10 @@ Reading back (``read/``): ``tokens`` (Arrow / NumPy), ``dataset`` (a PyTorch ``I
 ``inspect`` (``vqpipe inspect``), ``decode_job`` (``vqpipe decode``: tokens back to images, with
 checks). The model lives in ``model/`` (``loading`` resolves ``demo`` and ``hf://`` paths);
 ``bench/`` measures one worker (``vqpipe bench``).
+
+Sharing and other engines: ``publish/`` (``vqpipe publish``: a finished output and its dataset
+``card`` to the Hugging Face Hub); ``ray_data`` (the same tokenizer as a Ray Data ``map_batches``
+class, and outputs read back as Ray Data tensors; it imports Ray by design).
 """
 
 from __future__ import annotations

@@ -70,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--storage-options", default="{}", metavar="JSON",
                          help='fsspec options for reading the output, as JSON: \'{"anon": true}\'')
     inspect.set_defaults(func=cmd_inspect)
+    publish = sub.add_parser("publish", help="write a dataset card into a finished output and upload it to a "
+                                             "Hugging Face Hub dataset repo")
+    publish.add_argument("output", help="local output folder of a finished `vqpipe run`")
+    publish.add_argument("repo_id", help="dataset repo, ORG/NAME (created if missing)")
+    publish.add_argument("--private", action="store_true", help="create the repo private")
+    publish.add_argument("--revision", help="branch to upload to (created if missing); default main")
+    publish.add_argument("--dry-run", action="store_true", help="write and print the card and the files it would "
+                                                                "send, with sizes; send nothing")
+    publish.add_argument("--allow-partial", action="store_true", help="publish an output that is not complete")
+    publish.set_defaults(func=cmd_publish)
     from vqpipe.bench import cli as bench  # its parser and command live with the benchmark
 
     bench.add_parser(sub)
@@ -158,6 +168,15 @@ def _config_help() -> str:
         lines.append(f"{key}: {type_name} = {default}")
         lines.append(f"    {doc}" if doc else "    (undocumented)")
     return "\n".join(lines)
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from vqpipe.publish.upload import NotPublishable, command
+
+    try:
+        return command(args.output, args.repo_id, args.private, args.revision, args.dry_run, args.allow_partial)
+    except NotPublishable as err:
+        raise ConfigError(str(err)) from None
 
 
 def _load_model(config: RunConfig):

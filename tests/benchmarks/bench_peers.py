@@ -18,6 +18,10 @@ Variants, each writing Parquet for every shard:
   ``map_batches`` (PIL resize/crop; Ray Data fuses it into the next operator) -> ``map_batches``
   with an actor pool of one (``concurrency=1``) of a callable class holding vqpipe's
   ``TokenEncoder`` (vqpipe's model code, so only the pipeline differs) -> ``write_parquet``.
+* Ray Data + vqpipe.ray_data: ``read_webdataset(decoder=None)`` (raw bytes) -> ``map_batches`` with
+  ``vqpipe.ray_data.Tokenize`` (vqpipe's preprocessing and ``TokenEncoder`` in one actor,
+  an actor pool of one, one CPU as for Ray Data above) -> ``drop_failures`` -> ``write_parquet``: the
+  recipe of the README's "Ray Data" section.
 * vqpipe run: ``vqpipe.cli.main(["run", ...])``, the real command, on the same local Ray;
   ``vqpipe-run-2w`` uses ``ray.num_workers=2 ray.cpus_per_worker=1`` (two workers, one torch thread each).
   Ray is started once before any timing, its workers at normal priority; the Ray variants pay
@@ -219,6 +223,21 @@ def ray_data_run(model_path: str, urls: list[str], out: Path) -> int:
     return pq.read_table(str(out), columns=["key"]).num_rows
 
 
+def ray_data_vqpipe_run(model_path: str, urls: list[str], out: Path) -> int:
+    import ray.data
+
+    from vqpipe.ray_data import Tokenize, drop_failures
+
+    ds = ray.data.read_webdataset(urls, decoder=None)
+    ds = ds.map_batches(Tokenize, fn_constructor_kwargs={"model": model_path, "resolution": RESOLUTION,
+                                                         "precision": "fp32", "batch_size": BATCH, "compile": False},
+                        batch_size=BATCH, compute=ray.data.ActorPoolStrategy(size=1))
+    ds.map_batches(drop_failures, batch_format="pyarrow").write_parquet(str(out))
+    import pyarrow.parquet as pq
+
+    return pq.read_table(str(out), columns=["key"]).num_rows
+
+
 def vqpipe_cli_run(config_path: Path, out: Path, *overrides: str) -> int:
     from vqpipe.cli import main
 
@@ -274,11 +293,11 @@ def memory_check(tmp: Path, model: str, size: tuple[int, int]) -> dict:
 
 # --- main -----------------------------------------------------------------------------------
 
-VARIANTS = ("naive", "vqpipe", "vqpipe-compiled", "ray-data", "vqpipe-run", "vqpipe-run-2w")
-DEFAULT_VARIANTS = "naive,vqpipe,ray-data,vqpipe-run"
-ON_RAY = ("ray-data", "vqpipe-run", "vqpipe-run-2w")  # start actors and load the model inside the clock
+VARIANTS = ("naive", "vqpipe", "vqpipe-compiled", "ray-data", "ray-data-vqpipe", "vqpipe-run", "vqpipe-run-2w")
+DEFAULT_VARIANTS = "naive,vqpipe,ray-data,ray-data-vqpipe,vqpipe-run"
+ON_RAY = ("ray-data", "ray-data-vqpipe", "vqpipe-run", "vqpipe-run-2w")  # start actors and load the model inside the clock
 FLOORS = {("vqpipe", "naive"): 1.5, ("vqpipe-compiled", "naive"): 1.5, ("vqpipe", "ray-data"): 1.2,
-          ("vqpipe-run", "ray-data"): 1.2,
+          ("vqpipe-run", "ray-data"): 1.2, ("ray-data-vqpipe", "ray-data"): 1.0,
           ("vqpipe-run-2w", "naive"): 1.5, ("vqpipe-run-2w", "ray-data"): 1.2}
 
 
@@ -351,6 +370,7 @@ def compare(args, tmp: Path, names: list[str]) -> dict:
         "vqpipe": lambda out, u: vqpipe_run(state, u, out),
         "vqpipe-compiled": lambda out, u: vqpipe_run(compiled, u, out),
         "ray-data": lambda out, u: ray_data_run(model, u, out),
+        "ray-data-vqpipe": lambda out, u: ray_data_vqpipe_run(model, u, out),
         "vqpipe-run": lambda out, u: vqpipe_cli_run(write_config(out, u, model), out),
         "vqpipe-run-2w": lambda out, u: vqpipe_cli_run(write_config(out, u, model), out, "ray.num_workers=2",
                                                        "ray.cpus_per_worker=1"),

@@ -5,6 +5,7 @@
     _vqpipe/failed/{stem}.json     why a shard could not be written (retries exhausted)
     _vqpipe/run.json               the run manifest: fingerprint, status, totals
     _vqpipe/decode/                the ``vqpipe decode`` report
+    _vqpipe/publish/               what ``vqpipe publish`` uploads besides the card and data
 
 Readers skip ``_vqpipe/`` and dot-prefixed temp files, so a folder is always readable as data.
 """
@@ -18,6 +19,7 @@ MARKER_DIR = f"{INTERNAL_DIR}/shards"
 FAILED_DIR = f"{INTERNAL_DIR}/failed"
 MANIFEST = f"{INTERNAL_DIR}/run.json"
 DECODE_DIR = f"{INTERNAL_DIR}/decode"
+PUBLISH_DIR = f"{INTERNAL_DIR}/publish"  # the one part of _vqpipe/ that `vqpipe publish` uploads
 DATA_SUFFIX = ".parquet"
 
 

@@ -69,7 +69,9 @@ def read_tokens(path: str, columns: list[str] | None = None, filters=None,
     ``columns`` to leave out what you do not need.
     """
     fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    return pq.read_table(root, columns=columns, filters=filters, filesystem=fs)
+    # The data files, not the folder: pyarrow would try a published dataset card (README.md) as Parquet.
+    files = (data_files(path, storage_options) or root) if fs.isdir(root) else root
+    return pq.read_table(files, columns=columns, filters=filters, filesystem=fs)
 
 
 def codes_array(table: pa.Table, column: str = "codes") -> np.ndarray:
