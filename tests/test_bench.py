@@ -28,13 +28,15 @@ def argv(tiny_model_path, tmp_path, monkeypatch) -> list[str]:
 def test_bench_prints_the_table_and_appends_one_line_per_run(argv, tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
-    for row in ("| model ceiling (fp32, eager", "| decode, per core", "| pipeline (process_shard", "| efficiency"):
+    for row in ("| model ceiling (fp32, eager", "| decode, per core", "| decode, per core, Pillow path only",
+                "| pipeline (process_shard", "| efficiency"):
         assert row in out
     assert "bottleneck: " in out and "GFLOP/img" in out
     # Torch on every core: the "all cores" rows are then skipped (and the run is quicker).
-    assert main(argv + ["--jpeg-size", "96x64", "--torch-threads", str(len(os.sched_getaffinity(0)))]) == 0
+    assert main(argv + ["--jpeg-size", "96x64", "--jpeg-quality", "95",
+                        "--torch-threads", str(len(os.sched_getaffinity(0)))]) == 0
     out = capsys.readouterr().out
-    assert "re-encoded as 96x64 JPEG" in out and "torch on all" not in out
+    assert "re-encoded as 96x64 JPEG q95" in out and "torch on all" not in out
 
     lines = (tmp_path / "history" / "bench.jsonl").read_text().splitlines()
     assert len(lines) == 2
@@ -43,7 +45,8 @@ def test_bench_prints_the_table_and_appends_one_line_per_run(argv, tmp_path, cap
     assert record["setup"]["device"] == "cpu" and record["setup"]["resolution"] == 64
     assert record["setup"]["batch_size"] == 4 and record["setup"]["samples"] == 6
     assert all(record["model"][k] > 0 for k in FIGURES)
-    assert record["decode_img_s_per_core"] > 0 and record["pipeline"]["img_s"] > 0
+    assert record["decode_img_s_per_core"] > 0 and record["decode_pillow_img_s_per_core"] > 0
+    assert record["pipeline"]["img_s"] > 0
     assert record["pipeline"]["rows"] == 6  # every sample of the scratch shard written
     assert record["efficiency"] > 0 and record["bottleneck"] in ("model", "decode")
     assert record["advice"] and record["peak_rss_mb"] > 0
@@ -52,6 +55,8 @@ def test_bench_prints_the_table_and_appends_one_line_per_run(argv, tmp_path, cap
 def test_bench_refuses_a_bad_jpeg_size_before_any_work(argv, capsys):
     assert main(argv + ["--jpeg-size", "512by384"]) == 2
     assert "--jpeg-size '512by384' is not WxH" in capsys.readouterr().err
+    assert main(argv + ["--jpeg-quality", "0"]) == 2
+    assert "--jpeg-quality 0 must be in 1..100" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, key", [

@@ -5,7 +5,9 @@ With the config's model, resolution and batch size, on the device a worker would
 * model ceiling: the worker's encoder (codes + latents; on a CPU in cache-sized passes on
   single-threaded streams) on tensors already on the device, at the configured precision/compile,
   plus plain ``VQModel.tokenize`` fp32 eager on the whole batch for reference, and the FLOPs;
-* decode ceiling: image preprocessing (JPEG decode, resize, crop) per CPU core, single thread;
+* decode ceiling: image preprocessing (JPEG decode, resize, crop) per CPU core, single thread,
+  and the same through the Pillow path only (``preprocess(fast=False)``), the figure before the
+  JPEG fast path;
 * pipeline: ``process_shard`` over N samples (a scratch shard built from the input's first
   shards) into a scratch folder, model loaded and compiled beforehand;
 
@@ -104,6 +106,7 @@ class BenchReport:
     model: ModelFigures
     decode_img_s_per_core: float
     pipeline: PipelineFigures
+    decode_pillow_img_s_per_core: float  # the Pillow path alone: what decode_img_s_per_core was before
     efficiency: float
     bottleneck: str  # "model" or "decode"
     advice: list[str] = field(default_factory=list)
@@ -135,6 +138,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=256, metavar="N", help="images through the pipeline")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per figure (medians are shown)")
     parser.add_argument("--jpeg-size", metavar="WxH", help="re-encode the input's photos as WxH JPEGs first")
+    parser.add_argument("--jpeg-quality", type=int, default=90, metavar="Q",
+                        help="JPEG quality of --jpeg-size re-encoding (LAION's pre-resized 256 px shards: 95)")
     parser.add_argument("--torch-threads", type=int, metavar="T",
                         help="torch threads for the pipeline (CPU default: cores - decode threads)")
     parser.add_argument("--json", metavar="OUT", help="append one JSON line per run to this history file")
@@ -145,8 +150,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("--samples and --repeats must be >= 1")
     if args.torch_threads is not None and args.torch_threads < 1:
         raise ConfigError("--torch-threads must be >= 1")
+    if not 1 <= args.jpeg_quality <= 100:
+        raise ConfigError(f"--jpeg-quality {args.jpeg_quality} must be in 1..100")
     config = load_config(args.config, args.overrides)
-    report = run_bench(config, args.samples, args.repeats, _jpeg_size(args.jpeg_size), args.torch_threads)
+    report = run_bench(config, args.samples, args.repeats, _jpeg_size(args.jpeg_size), args.torch_threads,
+                       args.jpeg_quality)
     print(format_report(report, args.config))
     if args.json:
         append_history(args.json, report, args.config, args.overrides)
@@ -166,10 +174,10 @@ def _jpeg_size(text: str | None) -> tuple[int, int] | None:
 
 
 def run_bench(config: RunConfig, samples: int, repeats: int, jpeg_size: tuple[int, int] | None = None,
-              torch_threads: int | None = None) -> BenchReport:
+              torch_threads: int | None = None, jpeg_quality: int = 90) -> BenchReport:
     """Measure the ceilings and the pipeline in interleaved rounds (so drift on a shared machine
     hits them alike) and derive the efficiency; restores torch's thread count."""
-    images, source = bench_samples(config, samples, jpeg_size)
+    images, source = bench_samples(config, samples, jpeg_size, jpeg_quality)
     encoder = _encoder(config)
     setup = _setup(config, encoder, samples, repeats, source, torch_threads)
     threads_before = torch.get_num_threads()
@@ -178,8 +186,9 @@ def run_bench(config: RunConfig, samples: int, repeats: int, jpeg_size: tuple[in
         try:
             x = model_input(images, config, encoder)
             pipelines = pipeline_probes(images, config, encoder, setup, Path(tmp), pool)
-            probes = {**model_probes(x, encoder, setup), "decode": decode_probe(images[:DECODE_SAMPLES], config),
-                      **pipelines}
+            decode_images = images[:DECODE_SAMPLES]
+            probes = {**model_probes(x, encoder, setup), "decode": decode_probe(decode_images, config),
+                      "decode_pillow": decode_probe(decode_images, config, fast=False), **pipelines}
             rates = interleaved(probes, repeats)
             flops = flops_per_image(encoder.model, x)
         finally:
@@ -195,8 +204,8 @@ def _report(setup: Setup, rates: dict[str, float], flops: float, median_run: Sha
     times = {k: round(v, 3) for k, v in dataclasses.asdict(median_run.times).items()}
     pipeline = PipelineFigures(rates["pipeline"], median_run.rows, times, rates.get("pipeline_all_cores"))
     decode = rates["decode"] * setup.decode_threads
-    report = BenchReport(setup, model, rates["decode"], pipeline, pipeline.img_s / min(model.img_s, decode),
-                         "model" if model.img_s <= decode else "decode")
+    report = BenchReport(setup, model, rates["decode"], pipeline, rates["decode_pillow"],
+                         pipeline.img_s / min(model.img_s, decode), "model" if model.img_s <= decode else "decode")
     report.advice = advice(report)
     report.peak_rss_mb = peak_rss_mb()
     if setup.device.startswith("cuda"):
@@ -259,7 +268,8 @@ def _cpu_name() -> str:
 
 # --- benchmark images -------------------------------------------------------------------------
 
-def bench_samples(config: RunConfig, n: int, jpeg_size: tuple[int, int] | None) -> tuple[list[Sample], str]:
+def bench_samples(config: RunConfig, n: int, jpeg_size: tuple[int, int] | None,
+                  jpeg_quality: int = 90) -> tuple[list[Sample], str]:
     """``n`` samples cycling over the decodable images of the input's first shard(s), read until
     ``n`` are found; re-encoded as ``jpeg_size`` JPEGs when asked. Returns them and a description."""
     found: list[Sample] = []
@@ -283,26 +293,27 @@ def bench_samples(config: RunConfig, n: int, jpeg_size: tuple[int, int] | None) 
     if not found:
         raise ConfigError(f"input.urls: no decodable image in {shards} shard(s) of {list(config.input.urls)}")
     if jpeg_size:
-        found = [s for s in (_as_jpeg(s, config, jpeg_size) for s in found)
+        found = [s for s in (_as_jpeg(s, config, jpeg_size, jpeg_quality) for s in found)
                  if not isinstance(_preprocess(s, config), Failure)]
         if not found:
             raise ConfigError(f"--jpeg-size {jpeg_size[0]}x{jpeg_size[1]}: every image fails preprocessing "
                               f"(preprocess.min_size={config.preprocess.min_size})")
     samples = [Sample(f"{i:08d}", found[i % len(found)].fields, "bench") for i in range(n)]
-    size = f", re-encoded as {jpeg_size[0]}x{jpeg_size[1]} JPEG" if jpeg_size else ""
+    size = f", re-encoded as {jpeg_size[0]}x{jpeg_size[1]} JPEG q{jpeg_quality}" if jpeg_size else ""
     return samples, f"{len(found)} distinct images from {shards} input shard(s){size} ({len(skipped)} unusable skipped)"
 
 
-def _preprocess(sample: Sample, config: RunConfig):
+def _preprocess(sample: Sample, config: RunConfig, fast: bool = True):
     cfg = config.preprocess
-    return preprocess(sample, config.input.image_keys, cfg.resolution, cfg.min_size, max_pixels=cfg.max_pixels)
+    return preprocess(sample, config.input.image_keys, cfg.resolution, cfg.min_size, max_pixels=cfg.max_pixels,
+                      fast=fast)
 
 
-def _as_jpeg(sample: Sample, config: RunConfig, size: tuple[int, int]) -> Sample:
+def _as_jpeg(sample: Sample, config: RunConfig, size: tuple[int, int], quality: int = 90) -> Sample:
     key = next(k for k in config.input.image_keys if k in sample.fields)
     with Image.open(io.BytesIO(sample.fields[key])) as img:
         buf = io.BytesIO()
-        img.convert("RGB").resize(size, Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
+        img.convert("RGB").resize(size, Image.Resampling.BICUBIC).save(buf, "JPEG", quality=quality)
     fields = {k: v for k, v in sample.fields.items() if k not in config.input.image_keys}
     return Sample(sample.key, {**fields, key: buf.getvalue()}, sample.source)
 
@@ -399,14 +410,15 @@ def peak_device(device_name: str) -> str | None:
     return next((key for key in PEAK_TFLOPS if words.issuperset(key.split())), None)
 
 
-def decode_probe(samples: list[Sample], config: RunConfig) -> Probe:
-    """Single-thread preprocessing img/s (decode, orient, resize, crop): one core's worth."""
-    _preprocess(samples[0], config)
+def decode_probe(samples: list[Sample], config: RunConfig, fast: bool = True) -> Probe:
+    """Single-thread preprocessing img/s (decode, orient, resize, crop): one core's worth;
+    ``fast=False``: the Pillow path alone."""
+    _preprocess(samples[0], config, fast)
 
     def probe() -> float:
         started = time.perf_counter()
         for sample in samples:
-            _preprocess(sample, config)
+            _preprocess(sample, config, fast)
         return len(samples) / (time.perf_counter() - started)
     return probe
 
@@ -502,6 +514,9 @@ def format_report(r: BenchReport, config_path: str) -> str:
         rows.append((f"model, torch on all {s.cores} cores", m.all_cores_img_s, "no decoding beside it"))
     rows += [
         ("decode, per core (1 thread)", r.decode_img_s_per_core, "JPEG decode + resize + crop"),
+        ("decode, per core, Pillow path only", r.decode_pillow_img_s_per_core,
+         f"preprocess(fast=False), as before the JPEG fast path; fast path: "
+         f"{r.decode_img_s_per_core / r.decode_pillow_img_s_per_core:.2f}x"),
         (f"decode x {s.decode_threads} thread(s)", r.decode_img_s_per_core * s.decode_threads, "ideal scaling"),
         (f"pipeline (process_shard, {s.decode_threads} decode{on})", p.img_s, f"{p.rows} rows -> Parquet"),
     ]
