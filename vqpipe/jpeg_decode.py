@@ -104,8 +104,11 @@ def resize_center_crop(pixels: np.ndarray, resolution: int, source_size: tuple[i
         resized = (max(resolution, round(width * resolution / height)), resolution)
     left, top = (resized[0] - resolution) // 2, (resized[1] - resolution) // 2
     x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).unsqueeze(0)  # channels_last view
-    # aten op, not F.interpolate: it takes the output size and the scales together, so rounding in
-    # size * scale can never lose the last row.
-    out = torch.ops.aten._upsample_bicubic2d_aa(x, [top + resolution, left + resolution], False,
-                                                resized[1] * scale / height, resized[0] * scale / width)
-    return np.ascontiguousarray(out[0, :, top:, left:].permute(1, 2, 0).numpy())
+    out = np.empty((top + resolution, left + resolution, 3), np.uint8)
+    # The aten op, not F.interpolate: it takes the output size and the scales together, so rounding
+    # in size * scale never loses the last row; and writing into a channels_last (HWC) buffer skips
+    # the kernel's conversion to NCHW and a transposing copy back (0.5 of 1.4 ms at 1024x768 / 2).
+    torch.ops.aten._upsample_bicubic2d_aa.out(x, list(out.shape[:2]), False, resized[1] * scale / height,
+                                              resized[0] * scale / width,
+                                              out=torch.from_numpy(out).permute(2, 0, 1).unsqueeze(0))
+    return np.ascontiguousarray(out[top:, left:])
