@@ -9,9 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vqpipe.bench import main, peak_device
+from vqpipe.bench_null import null_encoder
+from vqpipe.config import load_config
+from vqpipe.encode import load_model, pick_device
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("img_s", "fp32_eager_img_s", "flops_per_image", "achieved_tflops")
@@ -50,6 +54,31 @@ def test_bench_prints_the_table_and_appends_one_line_per_run(argv, tmp_path, cap
     assert record["pipeline"]["rows"] == 6  # every sample of the scratch shard written
     assert record["efficiency"] > 0 and record["bottleneck"] in ("model", "decode")
     assert record["advice"] and record["peak_rss_mb"] > 0
+
+
+def test_null_model_runs_the_pipeline_without_the_model(argv, capsys):
+    assert main(argv + ["--null-model"]) == 0
+    out = capsys.readouterr().out
+    assert "--null-model" in out and "| rows written | 6 |" in out  # every sample through to Parquet
+    for row in ("| pipeline, model replaced by zeros (img/s) |", "| img/s per decode thread |",
+                "| main thread CPU per image (ms) |"):
+        assert row in out
+
+
+def test_decode_only_reports_both_paths(argv, capsys):
+    assert main(argv + ["--decode-only", "--jpeg-size", "96x64"]) == 0
+    out = capsys.readouterr().out
+    assert "| Pillow path only (before) |" in out and "| with the JPEG fast path |" in out and "| speed-up |" in out
+
+
+def test_null_encoder_returns_the_model_shapes(tiny_model_path):
+    config = load_config(str(REPO / "configs/demo.yaml"), [f"model.path={tiny_model_path}", "model.batch_size=4",
+                                                           "preprocess.resolution=64"])
+    model = load_model(config.model)
+    encoded = null_encoder(config, model, pick_device())(np.zeros((3, 64, 64, 3), np.uint8))
+    side = 64 // model.config.downsample_factor
+    assert encoded.codes.shape == (3, side, side) and encoded.codes.dtype == np.int64
+    assert encoded.latents.shape == (3, model.config.embed_dim, side, side) and encoded.finite.all()
 
 
 def test_bench_refuses_a_bad_jpeg_size_before_any_work(argv, capsys):

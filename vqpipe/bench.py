@@ -143,6 +143,11 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-threads", type=int, metavar="T",
                         help="torch threads for the pipeline (CPU default: cores - decode threads)")
     parser.add_argument("--json", metavar="OUT", help="append one JSON line per run to this history file")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="only the per-core decode ceiling, fast path and Pillow path (no model is loaded)")
+    parser.add_argument("--null-model", action="store_true",
+                        help="only the pipeline, with the model replaced by free zeros: what reading, decoding, "
+                             "batching, upload and writing cost (see vqpipe/bench_null.py)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -153,11 +158,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not 1 <= args.jpeg_quality <= 100:
         raise ConfigError(f"--jpeg-quality {args.jpeg_quality} must be in 1..100")
     config = load_config(args.config, args.overrides)
+    if args.decode_only:
+        return _decode_bench(config, args)
+    if args.null_model:
+        return _null_bench(config, args)
     report = run_bench(config, args.samples, args.repeats, _jpeg_size(args.jpeg_size), args.torch_threads,
                        args.jpeg_quality)
     print(format_report(report, args.config))
     if args.json:
         append_history(args.json, report, args.config, args.overrides)
+    return 0
+
+
+def _decode_bench(config: RunConfig, args: argparse.Namespace) -> int:
+    images, source = bench_samples(config, args.samples, _jpeg_size(args.jpeg_size), args.jpeg_quality)
+    images = images[:DECODE_SAMPLES]
+    rates = interleaved({"fast": decode_probe(images, config), "pillow": decode_probe(images, config, fast=False)},
+                        args.repeats)
+    print(f"vqpipe bench {args.config} --decode-only: {config.preprocess.resolution}px, {len(images)} images, "
+          f"one thread, medians of {args.repeats}\nimages: {source}\n\n| path | img/s per core | ms/img |\n|---|---:|---:|")
+    for name, label in (("pillow", "Pillow path only (before)"), ("fast", "with the JPEG fast path")):
+        print(f"| {label} | {rates[name]:.1f} | {1e3 / rates[name]:.2f} |")
+    print(f"| speed-up | {rates['fast'] / rates['pillow']:.2f}x | |")
+    return 0
+
+
+def _null_bench(config: RunConfig, args: argparse.Namespace) -> int:
+    from vqpipe import bench_null
+
+    images, source = bench_samples(config, args.samples, _jpeg_size(args.jpeg_size), args.jpeg_quality)
+    encoder = bench_null.null_encoder(config, _model(config), pick_device())
+    figures = bench_null.run_null_bench(config, images, source, encoder, decode_threads(config), args.repeats)
+    print(bench_null.format_null_report(figures, args.config))
     return 0
 
 
@@ -218,20 +250,27 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def _encoder(config: RunConfig) -> TokenEncoder:
+def _model(config: RunConfig):
     try:
-        model = load_model(config.model)
+        return load_model(config.model)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.path {config.model.path!r} cannot be read: {err}") from None
-    return TokenEncoder(model, pick_device(), config.model.precision, config.model.compile,
+
+
+def decode_threads(config: RunConfig) -> int:
+    workers = config.preprocess.decode_workers
+    return config.ray.cpus_per_worker if workers == "auto" else workers
+
+
+def _encoder(config: RunConfig) -> TokenEncoder:
+    return TokenEncoder(_model(config), pick_device(), config.model.precision, config.model.compile,
                         config.model.batch_size, config.preprocess.value_range, config.model.micro_batch)
 
 
 def _setup(config: RunConfig, encoder: TokenEncoder, samples: int, repeats: int, source: str,
            torch_threads: int | None) -> Setup:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = config.preprocess.decode_workers
-    decode_threads = config.ray.cpus_per_worker if workers == "auto" else workers
+    threads = decode_threads(config)
     cuda = encoder.device.type == "cuda"
     if torch_threads is None:
         # As in a CPU-only worker: Ray sets an actor's torch threads to its CPUs (ray.cpus_per_worker,
@@ -240,7 +279,7 @@ def _setup(config: RunConfig, encoder: TokenEncoder, samples: int, repeats: int,
         torch_threads = torch.get_num_threads() if cuda else max(1, min(cores, config.ray.cpus_per_worker))
     name = torch.cuda.get_device_name(encoder.device) if cuda else _cpu_name()
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[encoder.autocast_dtype]
-    return Setup(str(encoder.device), name, cores, decode_threads, torch_threads, precision, encoder.compiled,
+    return Setup(str(encoder.device), name, cores, threads, torch_threads, precision, encoder.compiled,
                  config.preprocess.resolution, encoder.batch_size, samples, repeats, source, os.getloadavg()[0],
                  _cpu_passes(encoder, config.preprocess.resolution, torch_threads))
 
@@ -416,10 +455,12 @@ def decode_probe(samples: list[Sample], config: RunConfig, fast: bool = True) ->
     _preprocess(samples[0], config, fast)
 
     def probe() -> float:
-        started = time.perf_counter()
+        # This thread's CPU time, not the wall clock: on a shared machine the wall clock counts
+        # other jobs' time slices too, and "per core" is what one core's seconds buy.
+        started = time.thread_time()
         for sample in samples:
             _preprocess(sample, config, fast)
-        return len(samples) / (time.perf_counter() - started)
+        return len(samples) / (time.thread_time() - started)
     return probe
 
 
@@ -513,7 +554,7 @@ def format_report(r: BenchReport, config_path: str) -> str:
     if m.all_cores_img_s is not None:
         rows.append((f"model, torch on all {s.cores} cores", m.all_cores_img_s, "no decoding beside it"))
     rows += [
-        ("decode, per core (1 thread)", r.decode_img_s_per_core, "JPEG decode + resize + crop"),
+        ("decode, per core (1 thread)", r.decode_img_s_per_core, "JPEG decode + resize + crop, per CPU-second"),
         ("decode, per core, Pillow path only", r.decode_pillow_img_s_per_core,
          f"preprocess(fast=False), as before the JPEG fast path; fast path: "
          f"{r.decode_img_s_per_core / r.decode_pillow_img_s_per_core:.2f}x"),
