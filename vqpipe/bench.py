@@ -173,7 +173,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _decode_bench(config: RunConfig, args: argparse.Namespace) -> int:
     images, source = bench_samples(config, args.samples, _jpeg_size(args.jpeg_size), args.jpeg_quality)
     images = images[:DECODE_SAMPLES]
-    rates = interleaved({"fast": decode_probe(images, config), "pillow": decode_probe(images, config, fast=False)},
+    rates = interleaved({"fast": decode_probe(images, config, fast=True), "pillow": decode_probe(images, config, fast=False)},
                         args.repeats)
     print(f"vqpipe bench {args.config} --decode-only: {config.preprocess.resolution}px, {len(images)} images, "
           f"one thread, medians of {args.repeats}\nimages: {source}\n\n| path | img/s per core | ms/img |\n|---|---:|---:|")
@@ -342,10 +342,11 @@ def bench_samples(config: RunConfig, n: int, jpeg_size: tuple[int, int] | None,
     return samples, f"{len(found)} distinct images from {shards} input shard(s){size} ({len(skipped)} unusable skipped)"
 
 
-def _preprocess(sample: Sample, config: RunConfig, fast: bool = True):
+def _preprocess(sample: Sample, config: RunConfig, fast: bool | None = None):
+    """As a worker preprocesses (``fast`` None: the config's ``preprocess.fast_jpeg``)."""
     cfg = config.preprocess
     return preprocess(sample, config.input.image_keys, cfg.resolution, cfg.min_size, max_pixels=cfg.max_pixels,
-                      fast=fast)
+                      fast=cfg.fast_jpeg if fast is None else fast)
 
 
 def _as_jpeg(sample: Sample, config: RunConfig, size: tuple[int, int], quality: int = 90) -> Sample:
@@ -449,7 +450,7 @@ def peak_device(device_name: str) -> str | None:
     return next((key for key in PEAK_TFLOPS if words.issuperset(key.split())), None)
 
 
-def decode_probe(samples: list[Sample], config: RunConfig, fast: bool = True) -> Probe:
+def decode_probe(samples: list[Sample], config: RunConfig, fast: bool | None = None) -> Probe:
     """Single-thread preprocessing img/s (decode, orient, resize, crop): one core's worth;
     ``fast=False``: the Pillow path alone."""
     _preprocess(samples[0], config, fast)
