@@ -4,8 +4,10 @@
 NaN check, same copy back) whose forward pass returns zero codes and latents of the model's
 shapes, preallocated on the device. What ``process_shard`` then measures is everything the
 pipeline adds around the model: shard reading, image decoding on the decode threads, batching,
-upload, Parquet writing and the commit. Reported: img/s, img/s per decode thread, and the main
-thread's own CPU time per image (the consumer: batching, upload, writing; ``time.thread_time``).
+upload, Parquet writing and the commit. Reported: img/s, img/s per decode thread, the main
+thread's own CPU time per image (the consumer: batching, upload, writing; ``time.thread_time``),
+and the decode stage's wall time per image (above the per-core figure when the threads wait for
+a core or the GIL).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class NullFigures:
     img_s: float
     img_s_per_decode_thread: float
     main_thread_ms_per_img: float  # CPU time of the thread that runs process_shard, per image
-    decode_ms_per_img: float  # decode-thread CPU time per image, as process_shard sums it
+    decode_ms_per_img: float  # StageTimes.decode_s per image: wall time summed over the decode threads
     rows: int
     decode_threads: int
     samples: int
@@ -87,7 +89,7 @@ def format_null_report(f: NullFigures, config_path: str) -> str:
         f"| pipeline, model replaced by zeros (img/s) | {f.img_s:.1f} |",
         f"| img/s per decode thread | {f.img_s_per_decode_thread:.1f} |",
         f"| main thread CPU per image (ms) | {f.main_thread_ms_per_img:.3f} |",
-        f"| decode-thread CPU per image (ms) | {f.decode_ms_per_img:.3f} |",
+        f"| decode wall time per image, summed over decode threads (ms) | {f.decode_ms_per_img:.3f} |",
         f"| rows written | {f.rows} |",
     ])
 
