@@ -204,3 +204,13 @@ def test_header_fuzzing_reaches_the_fast_path():
     if not TAKEN:
         pytest.skip("run with the fuzz tests")
     assert TAKEN["header", "taken"] >= 30, dict(TAKEN)
+
+
+def test_zero_height_header_is_declined():
+    # SOF height 0 (a DNL-style JPEG): the fast path must not reach its geometry with it.
+    data = bytearray(jpeg("astronaut", (500, 375)))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 7] = b"\x00\x00"
+    assert preprocess_jpeg(bytes(data), R) is None
+    sample = Sample("k", {"jpg": bytes(data)}, "t")
+    assert _outcome(preprocess(sample, resolution=R)) == _outcome(preprocess(sample, resolution=R, fast=False))

@@ -488,7 +488,7 @@ def pipeline_probes(samples: list[Sample], config: RunConfig, encoder: TokenEnco
     """The configured pipeline and (CPU) one with torch on every core, warmed on a small shard."""
     url = write_shard(tmp / "bench.tar", samples)
     warm = write_shard(tmp / "warm.tar", samples[:2 * encoder.batch_size])
-    job = _scratch_job(config, encoder, url, str(tmp / "out"))
+    job = scratch_job(config, encoder, url, str(tmp / "out"))
     probes = {"pipeline": PipelineProbe(url, job, encoder, pool, setup.torch_threads)}
     if encoder.device.type == "cpu" and setup.torch_threads != setup.cores:
         probes["pipeline_all_cores"] = PipelineProbe(url, job, encoder, pool, setup.cores)
@@ -497,7 +497,7 @@ def pipeline_probes(samples: list[Sample], config: RunConfig, encoder: TokenEnco
     return probes
 
 
-def _scratch_job(config: RunConfig, encoder: TokenEncoder, url: str, out: str):
+def scratch_job(config: RunConfig, encoder: TokenEncoder, url: str, out: str):
     input_cfg = dataclasses.replace(config.input, urls=(url,), storage_options={})
     output = dataclasses.replace(config.output, path=out, storage_options={})
     precision = str(encoder.autocast_dtype or "fp32").replace("torch.", "")

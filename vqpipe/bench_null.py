@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from vqpipe.bench import _scratch_job, write_shard  # bench imports this module only for --null-model
+from vqpipe.bench import scratch_job, write_shard  # bench imports this module only for --null-model
 from vqpipe.config import RunConfig
 from vqpipe.encode import TokenEncoder
 from vqpipe.records import Sample
@@ -69,7 +69,7 @@ def run_null_bench(config: RunConfig, images: list[Sample], source: str, encoder
     with tempfile.TemporaryDirectory(prefix="vqpipe-bench-null-") as tmp, \
             ThreadPoolExecutor(decode_threads, thread_name_prefix="vqpipe-decode") as pool:
         url = write_shard(Path(tmp) / "bench.tar", images)
-        job = _scratch_job(config, encoder, url, str(Path(tmp) / "out"))
+        job = scratch_job(config, encoder, url, str(Path(tmp) / "out"))
         process_shard(url, "warm", job, encoder, pool)
         for i in range(repeats):
             cpu, started = time.thread_time(), time.perf_counter()

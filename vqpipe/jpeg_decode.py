@@ -74,7 +74,8 @@ def _header(data: bytes, min_size: int, max_pixels: int | None) -> tuple[int, in
         img = Image.open(io.BytesIO(data), formats=("JPEG",))
     width, height = img.size
     limit = min(max_pixels or math.inf, Image.MAX_IMAGE_PIXELS or math.inf)
-    if img.format != "JPEG" or img.mode not in _MODES or width * height > limit or min(width, height) < min_size:
+    if img.format != "JPEG" or img.mode not in _MODES or width * height > limit \
+            or min(width, height) < max(min_size, 1):  # a zero side would divide by zero in the geometry
         return None
     return width, height, img.getexif().get(0x0112)
 
