@@ -53,8 +53,9 @@ def preprocess_jpeg(data: bytes, resolution: int, min_size: int = 0,
             return None
         width, height, orientation = header
         scale = draft_scale(width, height, resolution)
+        # strict: a libjpeg warning (premature end, corrupt data) raises, and Pillow decides.
         decoded = simplejpeg.decode_jpeg(data, "RGB", min_height=-(-height // scale),
-                                         min_width=-(-width // scale))
+                                         min_width=-(-width // scale), strict=True)
     except _ERRORS:
         return None
     if decoded.shape[:2] != (-(-height // scale), -(-width // scale)):
