@@ -9,10 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vqpipe.bench.cli import main
 from vqpipe.bench.report import peak_device
+from vqpipe.bench.null_model import null_encoder
+from vqpipe.config import load_config
+from vqpipe.model.loading import load_model, pick_device
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("img_s", "fp32_eager_img_s", "flops_per_image", "achieved_tflops")
@@ -29,13 +33,15 @@ def argv(tiny_model_path, tmp_path, monkeypatch) -> list[str]:
 def test_bench_prints_the_table_and_appends_one_line_per_run(argv, tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
-    for row in ("| model ceiling (fp32, eager", "| decode, per core", "| pipeline (process_shard", "| efficiency"):
+    for row in ("| model ceiling (fp32, eager", "| decode, per core", "| decode, per core, Pillow path only",
+                "| pipeline (process_shard", "| efficiency"):
         assert row in out
     assert "bottleneck: " in out and "GFLOP/img" in out
     # Torch on every core: the "all cores" rows are then skipped (and the run is quicker).
-    assert main(argv + ["--jpeg-size", "96x64", "--torch-threads", str(len(os.sched_getaffinity(0)))]) == 0
+    assert main(argv + ["--jpeg-size", "96x64", "--jpeg-quality", "95",
+                        "--torch-threads", str(len(os.sched_getaffinity(0)))]) == 0
     out = capsys.readouterr().out
-    assert "re-encoded as 96x64 JPEG" in out and "torch on all" not in out
+    assert "re-encoded as 96x64 JPEG q95" in out and "torch on all" not in out
 
     lines = (tmp_path / "history" / "bench.jsonl").read_text().splitlines()
     assert len(lines) == 2
@@ -44,15 +50,43 @@ def test_bench_prints_the_table_and_appends_one_line_per_run(argv, tmp_path, cap
     assert record["setup"]["device"] == "cpu" and record["setup"]["resolution"] == 64
     assert record["setup"]["batch_size"] == 4 and record["setup"]["samples"] == 6
     assert all(record["model"][k] > 0 for k in FIGURES)
-    assert record["decode_img_s_per_core"] > 0 and record["pipeline"]["img_s"] > 0
+    assert record["decode_img_s_per_core"] > 0 and record["decode_pillow_img_s_per_core"] > 0
+    assert record["pipeline"]["img_s"] > 0
     assert record["pipeline"]["rows"] == 6  # every sample of the scratch shard written
     assert record["efficiency"] > 0 and record["bottleneck"] in ("model", "decode")
     assert record["advice"] and record["peak_rss_mb"] > 0
 
 
+def test_null_model_runs_the_pipeline_without_the_model(argv, capsys):
+    assert main(argv + ["--null-model"]) == 0
+    out = capsys.readouterr().out
+    assert "--null-model" in out and "| rows written | 6 |" in out  # every sample through to Parquet
+    for row in ("| pipeline, model replaced by zeros (img/s) |", "| img/s per decode thread |",
+                "| main thread CPU per image (ms) |"):
+        assert row in out
+
+
+def test_decode_only_reports_both_paths(argv, capsys):
+    assert main(argv + ["--decode-only", "--jpeg-size", "96x64"]) == 0
+    out = capsys.readouterr().out
+    assert "| Pillow path only (before) |" in out and "| with the JPEG fast path |" in out and "| speed-up |" in out
+
+
+def test_null_encoder_returns_the_model_shapes(tiny_model_path):
+    config = load_config(str(REPO / "configs/demo.yaml"), [f"model.path={tiny_model_path}", "model.batch_size=4",
+                                                           "preprocess.resolution=64"])
+    model = load_model(config.model)
+    encoded = null_encoder(config, model, pick_device())(np.zeros((3, 64, 64, 3), np.uint8))
+    side = 64 // model.config.downsample_factor
+    assert encoded.codes.shape == (3, side, side) and encoded.codes.dtype == np.int64
+    assert encoded.latents.shape == (3, model.config.embed_dim, side, side) and encoded.finite.all()
+
+
 def test_bench_refuses_a_bad_jpeg_size_before_any_work(argv, capsys):
     assert main(argv + ["--jpeg-size", "512by384"]) == 2
     assert "--jpeg-size '512by384' is not WxH" in capsys.readouterr().err
+    assert main(argv + ["--jpeg-quality", "0"]) == 2
+    assert "--jpeg-quality 0 must be in 1..100" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, key", [

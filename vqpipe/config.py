@@ -48,6 +48,10 @@ class PreprocessConfig:
         None, doc="skip images with more pixels, read from the header before decoding (reason too_large); "
                   "unset = Pillow's bomb limit only (~89 MP)")
     value_range: tuple[float, float] = _f((-1.0, 1.0), doc="pixel range the model expects: [-1, 1] or [0, 1]")
+    fast_jpeg: bool = _f(
+        True, doc="RGB/grayscale JPEGs through libjpeg-turbo + a SIMD resize (vqpipe/input/jpeg_decode.py): 1.5-2x the "
+                  "per-core rate, pixels within rounding of the Pillow path (false = Pillow only, bit-exact with "
+                  "outputs written before it)")
     decode_workers: Union[int, Literal["auto"]] = _f(
         "auto", doc="image-decoding threads per worker; auto = the worker's CPUs (ray.cpus_per_worker)")
 

@@ -39,10 +39,10 @@ from vqpipe.run.shard_job import ShardResult
 
 
 def run_bench(config: RunConfig, samples: int, repeats: int, jpeg_size: tuple[int, int] | None = None,
-              torch_threads: int | None = None) -> BenchReport:
+              torch_threads: int | None = None, jpeg_quality: int = 90) -> BenchReport:
     """Measure the ceilings and the pipeline in interleaved rounds (so drift on a shared machine
     hits them alike) and derive the efficiency; restores torch's thread count."""
-    images, source = bench_samples(config, samples, jpeg_size)
+    images, source = bench_samples(config, samples, jpeg_size, jpeg_quality)
     encoder = _encoder(config)
     setup = _setup(config, encoder, samples, repeats, source, torch_threads)
     threads_before = torch.get_num_threads()
@@ -51,8 +51,9 @@ def run_bench(config: RunConfig, samples: int, repeats: int, jpeg_size: tuple[in
         try:
             x = model_input(images, config, encoder)
             pipelines = pipeline_probes(images, config, encoder, setup, Path(tmp), pool)
-            probes = {**model_probes(x, encoder, setup), "decode": decode_probe(images[:DECODE_SAMPLES], config),
-                      **pipelines}
+            decode_images = images[:DECODE_SAMPLES]
+            probes = {**model_probes(x, encoder, setup), "decode": decode_probe(decode_images, config),
+                      "decode_pillow": decode_probe(decode_images, config, fast=False), **pipelines}
             rates = interleaved(probes, repeats)
             flops = flops_per_image(encoder.model, x)
         finally:
@@ -68,8 +69,8 @@ def _report(setup: Setup, rates: dict[str, float], flops: float, median_run: Sha
     times = {k: round(v, 3) for k, v in dataclasses.asdict(median_run.times).items()}
     pipeline = PipelineFigures(rates["pipeline"], median_run.rows, times, rates.get("pipeline_all_cores"))
     decode = rates["decode"] * setup.decode_threads
-    report = BenchReport(setup, model, rates["decode"], pipeline, pipeline.img_s / min(model.img_s, decode),
-                         "model" if model.img_s <= decode else "decode")
+    report = BenchReport(setup, model, rates["decode"], pipeline, rates["decode_pillow"],
+                         pipeline.img_s / min(model.img_s, decode), "model" if model.img_s <= decode else "decode")
     report.advice = advice(report)
     report.peak_rss_mb = peak_rss_mb()
     if setup.device.startswith("cuda"):
@@ -82,19 +83,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def _encoder(config: RunConfig) -> TokenEncoder:
+def load_bench_model(config: RunConfig):
     try:
-        model = load_model(config.model)
+        return load_model(config.model)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.path {config.model.path!r} cannot be read: {err}") from None
-    return TokenEncoder.from_config(model, pick_device(), config)
+
+
+def decode_threads(config: RunConfig) -> int:
+    workers = config.preprocess.decode_workers
+    return config.ray.cpus_per_worker if workers == "auto" else workers
+
+
+def _encoder(config: RunConfig) -> TokenEncoder:
+    return TokenEncoder.from_config(load_bench_model(config), pick_device(), config)
 
 
 def _setup(config: RunConfig, encoder: TokenEncoder, samples: int, repeats: int, source: str,
            torch_threads: int | None) -> Setup:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = config.preprocess.decode_workers
-    decode_threads = config.ray.cpus_per_worker if workers == "auto" else workers
+    threads = decode_threads(config)
     cuda = encoder.device.type == "cuda"
     if torch_threads is None:
         # As in a CPU-only worker: Ray sets an actor's torch threads to its CPUs (ray.cpus_per_worker,
@@ -103,7 +111,7 @@ def _setup(config: RunConfig, encoder: TokenEncoder, samples: int, repeats: int,
         torch_threads = torch.get_num_threads() if cuda else max(1, min(cores, config.ray.cpus_per_worker))
     name = torch.cuda.get_device_name(encoder.device) if cuda else _cpu_name()
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[encoder.autocast_dtype]
-    return Setup(str(encoder.device), name, cores, decode_threads, torch_threads, precision, encoder.compiled,
+    return Setup(str(encoder.device), name, cores, threads, torch_threads, precision, encoder.compiled,
                  config.preprocess.resolution, encoder.batch_size, samples, repeats, source, os.getloadavg()[0],
                  _cpu_passes(encoder, config.preprocess.resolution, torch_threads))
 

@@ -94,15 +94,18 @@ def flops_per_image(model, x: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-def decode_probe(samples: list[Sample], config: RunConfig) -> Probe:
-    """Single-thread preprocessing img/s (decode, orient, resize, crop): one core's worth."""
-    _preprocess(samples[0], config)
+def decode_probe(samples: list[Sample], config: RunConfig, fast: bool | None = None) -> Probe:
+    """Single-thread preprocessing img/s (decode, orient, resize, crop): one core's worth;
+    ``fast=False``: the Pillow path alone."""
+    _preprocess(samples[0], config, fast)
 
     def probe() -> float:
-        started = time.perf_counter()
+        # This thread's CPU time, not the wall clock: on a shared machine the wall clock counts
+        # other jobs' time slices too, and "per core" is what one core's seconds buy.
+        started = time.thread_time()
         for sample in samples:
-            _preprocess(sample, config)
-        return len(samples) / (time.perf_counter() - started)
+            _preprocess(sample, config, fast)
+        return len(samples) / (time.thread_time() - started)
     return probe
 
 
@@ -129,7 +132,7 @@ def pipeline_probes(samples: list[Sample], config: RunConfig, encoder: TokenEnco
     """The configured pipeline and (CPU) one with torch on every core, warmed on a small shard."""
     url = write_shard(tmp / "bench.tar", samples)
     warm = write_shard(tmp / "warm.tar", samples[:2 * encoder.batch_size])
-    job = _scratch_job(config, encoder, url, str(tmp / "out"))
+    job = scratch_job(config, encoder, url, str(tmp / "out"))
     probes = {"pipeline": PipelineProbe(url, job, encoder, pool, setup.torch_threads)}
     if encoder.device.type == "cpu" and setup.torch_threads != setup.cores:
         probes["pipeline_all_cores"] = PipelineProbe(url, job, encoder, pool, setup.cores)
@@ -138,7 +141,7 @@ def pipeline_probes(samples: list[Sample], config: RunConfig, encoder: TokenEnco
     return probes
 
 
-def _scratch_job(config: RunConfig, encoder: TokenEncoder, url: str, out: str):
+def scratch_job(config: RunConfig, encoder: TokenEncoder, url: str, out: str):
     input_cfg = dataclasses.replace(config.input, urls=(url,), storage_options={})
     output = dataclasses.replace(config.output, path=out, storage_options={})
     precision = str(encoder.autocast_dtype or "fp32").replace("torch.", "")

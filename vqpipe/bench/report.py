@@ -68,6 +68,7 @@ class BenchReport:
     model: ModelFigures
     decode_img_s_per_core: float
     pipeline: PipelineFigures
+    decode_pillow_img_s_per_core: float  # the Pillow path alone: what decode_img_s_per_core was before
     efficiency: float
     bottleneck: str  # "model" or "decode"
     advice: list[str] = field(default_factory=list)
@@ -139,7 +140,10 @@ def format_report(r: BenchReport, config_path: str) -> str:
     if m.all_cores_img_s is not None:
         rows.append((f"model, torch on all {s.cores} cores", m.all_cores_img_s, "no decoding beside it"))
     rows += [
-        ("decode, per core (1 thread)", r.decode_img_s_per_core, "JPEG decode + resize + crop"),
+        ("decode, per core (1 thread)", r.decode_img_s_per_core, "JPEG decode + resize + crop, per CPU-second"),
+        ("decode, per core, Pillow path only", r.decode_pillow_img_s_per_core,
+         f"preprocess(fast=False), as before the JPEG fast path; fast path: "
+         f"{r.decode_img_s_per_core / r.decode_pillow_img_s_per_core:.2f}x"),
         (f"decode x {s.decode_threads} thread(s)", r.decode_img_s_per_core * s.decode_threads, "ideal scaling"),
         (f"pipeline (process_shard, {s.decode_threads} decode{on})", p.img_s, f"{p.rows} rows -> Parquet"),
     ]

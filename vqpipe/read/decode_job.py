@@ -271,7 +271,8 @@ def _find(source: str, keys: set[str], config: RunConfig) -> dict[str, Preproces
     for sample in iter_samples(source, config.input.storage_options, on_failure=lambda failure: None):
         if sample.key in keys:
             result = preprocess(sample, config.input.image_keys, config.preprocess.resolution,
-                                config.preprocess.min_size, max_pixels=config.preprocess.max_pixels)
+                                config.preprocess.min_size, max_pixels=config.preprocess.max_pixels,
+                                fast=config.preprocess.fast_jpeg)
             if isinstance(result, Preprocessed):
                 found[sample.key] = result
             if len(found) == len(keys):

@@ -124,7 +124,8 @@ def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder
 
 def _timed_preprocess(cfg: PreprocessConfig, image_keys, sample: Sample) -> tuple[Preprocessed | Failure, float]:
     started = time.perf_counter()
-    result = preprocess(sample, image_keys, cfg.resolution, cfg.min_size, max_pixels=cfg.max_pixels)
+    result = preprocess(sample, image_keys, cfg.resolution, cfg.min_size, max_pixels=cfg.max_pixels,
+                        fast=cfg.fast_jpeg)
     return result, time.perf_counter() - started
 
 
