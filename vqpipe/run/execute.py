@@ -9,7 +9,7 @@ from vqpipe import __version__
 from vqpipe.config import RunConfig
 from vqpipe.output.folder import sweep_leftovers, write_json
 from vqpipe.output.layout import MANIFEST
-from vqpipe.run.driver import run_on_ray
+from vqpipe.run import manifest as run_manifest
 from vqpipe.run.outcome import Outcome
 from vqpipe.run.plan import Plan
 from vqpipe.run.progress import Progress, summary_table
@@ -26,6 +26,10 @@ def execute(config: RunConfig, plan: Plan, job: ShardSettings, fingerprint: dict
     }
     write_json(config, MANIFEST, manifest)
     sweep_leftovers(config)
+    # Imported here: Ray costs seconds to import and more to start, and a run with nothing pending
+    # (see nothing_to_do) never needs it.
+    from vqpipe.run.driver import run_on_ray
+
     progress = Progress(total=plan.total, already=len(plan.committed))
     outcome = run_on_ray(config, plan, progress)
     progress.update(outcome, force=True)
@@ -36,6 +40,16 @@ def execute(config: RunConfig, plan: Plan, job: ShardSettings, fingerprint: dict
     write_json(config, MANIFEST, manifest)
     print(summary_table(outcome, skipped=len(plan.committed), wall_s=wall, output=config.output.path))
     return outcome
+
+
+def nothing_to_do(config: RunConfig, plan: Plan) -> str:
+    """Every shard is committed: say so, without starting Ray. The output stays as it is, except a
+    manifest left ``running`` by a driver killed after the last commit, which is marked complete."""
+    previous = run_manifest.read_manifest(config)
+    if previous is not None and previous.get("status") != "complete":
+        previous.update(status="complete", ended_at=_iso(time.time()))
+        write_json(config, MANIFEST, previous)
+    return f"all {plan.total} shards already committed: nothing to do ({config.output.path})"
 
 
 def _totals(outcome: Outcome, plan: Plan, wall: float) -> dict:
