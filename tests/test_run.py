@@ -47,6 +47,13 @@ def test_embedded_ray_has_no_dashboard(ray_cluster):
     assert global_worker.node.address_info.get("webui_url") in (None, "")
 
 
+def test_embedded_ray_keeps_token_authentication(ray_cluster):
+    # It listens on the machine's address: only its notice about token auth is dropped, never the auth.
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    assert get_authentication_mode() == AuthenticationMode.TOKEN
+
+
 def test_workers_pinned_to_distinct_fake_gpus(tmp_path, tiny_model_path, ray_cluster):
     config = load_config(write_config(tmp_path, tiny_model_path, "x.tar", tmp_path / "out",
                                       ray={"num_workers": "auto", "gpus_per_worker": "auto"}))

@@ -185,6 +185,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
         raise ConfigError(f"output.path {config.output.path!r}: {err}") from None
     for check in report.checks:
         print(f"{'ok    ' if check.ok else 'FAILED'} {check.name}: {check.figure}")
+    if report.run_failures is not None:
+        print(f"not encoded by the run: {report.run_failures.summary()}")
     out = args.out or decode_dir(config.output.path)
     print(f"report: {out}/report.html")
     return EXIT_OK if report.ok else EXIT_FAILED

@@ -36,9 +36,10 @@ def execute(config: RunConfig, plan: Plan, job: ShardSettings, fingerprint: dict
     progress.close()
     wall = time.time() - started
     manifest.update(status="aborted" if outcome.aborted else ("failed" if outcome.failed else "complete"),
-                    ended_at=_iso(time.time()), totals=_totals(outcome, plan, wall))
+                    ended_at=_iso(time.time()), totals=_totals(outcome, plan, wall, started))
     write_json(config, MANIFEST, manifest)
-    print(summary_table(outcome, skipped=len(plan.committed), wall_s=wall, output=config.output.path))
+    print(summary_table(outcome, skipped=len(plan.committed), wall_s=wall, output=config.output.path,
+                        startup_s=outcome.startup_s(started)))
     return outcome
 
 
@@ -52,7 +53,7 @@ def nothing_to_do(config: RunConfig, plan: Plan) -> str:
     return f"all {plan.total} shards already committed: nothing to do ({config.output.path})"
 
 
-def _totals(outcome: Outcome, plan: Plan, wall: float) -> dict:
+def _totals(outcome: Outcome, plan: Plan, wall: float, started: float) -> dict:
     reasons = dict(outcome.failures_by_reason())
     rows = outcome.rows
     stages = {k: round(sum(getattr(r.times, k) for r in outcome.committed.values()), 3)
@@ -61,8 +62,13 @@ def _totals(outcome: Outcome, plan: Plan, wall: float) -> dict:
         "shards": plan.total, "shards_committed": len(outcome.committed), "shards_failed": len(outcome.failed),
         "shards_skipped": len(plan.committed), "samples_written": rows, "samples_failed_by_reason": reasons,
         "wall_s": round(wall, 3), "images_per_s": round(rows / wall, 2) if wall else None,
-        "failed_shards": outcome.failed, "stage_times_s": stages,
+        "startup_s": _rounded(outcome.startup_s(started)), "steady_images_per_s_per_worker": _rounded(
+            outcome.steady_rate()), "failed_shards": outcome.failed, "stage_times_s": stages,
     }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 def _iso(t: float) -> str:
