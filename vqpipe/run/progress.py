@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # A fixed-width bar, so log lines stay aligned and the postfix (images, rates) never truncates it.
-BAR_FORMAT = "shards {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}"
+# tqdm puts ", " before the postfix itself.
+BAR_FORMAT = "shards {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}"
 
 
 class Progress:
@@ -27,6 +28,7 @@ class Progress:
         self.interval_s = interval_s if not self.tty else 0.5
         self.started = time.time()
         self._last = 0.0
+        self._shown: tuple = ()  # what the last line said: the final forced update repeats nothing
         self.bar = tqdm(total=total, initial=already, file=self.stream, bar_format=BAR_FORMAT,
                         dynamic_ncols=True) if self.tty else None
 
@@ -34,8 +36,11 @@ class Progress:
         now = time.time()
         if not force and now - self._last < self.interval_s:
             return
-        self._last = now
         done = self.already + len(outcome.committed) + len(outcome.failed)
+        state = (done, outcome.rows)
+        if force and state == self._shown:
+            return
+        self._last, self._shown = now, state
         if self.bar is not None:
             self.bar.n = done
             self.bar.set_postfix_str(status_text(outcome, now - self.started), refresh=False)
