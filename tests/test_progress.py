@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import logging
+import re
+import sys
 
 from vqpipe.run.outcome import Outcome
 from vqpipe.run.progress import Progress, status_text, summary_table
@@ -63,3 +65,20 @@ def test_terminal_mode_draws_a_live_bar():
     progress.close()
     text = stream.getvalue()
     assert "\r" in text and "2/4" in text and "per worker w1:4.0 w2:3.0 img/s" in text
+
+
+def test_terminal_mode_puts_log_lines_above_the_bar(monkeypatch):
+    stream = _Terminal()
+    monkeypatch.setattr(sys, "stderr", stream)  # the console, as logging.basicConfig sets it up
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.root.addHandler(handler)
+    try:
+        with Progress(total=2, already=0, stream=stream) as progress:
+            progress.update(_outcome(_result("a", 8, 2.0, "h:1", 1.0)), force=True)
+            logging.getLogger("vqpipe.run.driver").warning("worker 1 ready")
+    finally:
+        logging.root.removeHandler(handler)
+    text = stream.getvalue()
+    # The bar is cleared, the line written on its own, the bar drawn again below it.
+    assert re.search(r"\r *\rworker 1 ready\n.*shards  50%", text, flags=re.S), repr(text)

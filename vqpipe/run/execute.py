@@ -30,10 +30,9 @@ def execute(config: RunConfig, plan: Plan, job: ShardSettings, fingerprint: dict
     # (see nothing_to_do) never needs it.
     from vqpipe.run.driver import run_on_ray
 
-    progress = Progress(total=plan.total, already=len(plan.committed))
-    outcome = run_on_ray(config, plan, progress)
-    progress.update(outcome, force=True)
-    progress.close()
+    with Progress(total=plan.total, already=len(plan.committed)) as progress:
+        outcome = run_on_ray(config, plan, progress)
+        progress.update(outcome, force=True)
     wall = time.time() - started
     manifest.update(status="aborted" if outcome.aborted else ("failed" if outcome.failed else "complete"),
                     ended_at=_iso(time.time()), totals=_totals(outcome, plan, wall, started))

@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 if TYPE_CHECKING:
     from vqpipe.run.outcome import Outcome
@@ -31,6 +32,20 @@ class Progress:
         self._shown: tuple = ()  # what the last line said: the final forced update repeats nothing
         self.bar = tqdm(total=total, initial=already, file=self.stream, bar_format=BAR_FORMAT,
                         dynamic_ncols=True) if self.tty else None
+        self._redirect = None
+
+    def __enter__(self) -> "Progress":
+        # On a terminal, log lines (a worker ready, a retry) go above the bar instead of into it.
+        if self.bar is not None:
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        if self._redirect is not None:
+            self._redirect.__exit__(*exc)
+            self._redirect = None
 
     def update(self, outcome: "Outcome", force: bool = False) -> None:
         now = time.time()
