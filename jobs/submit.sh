@@ -69,5 +69,13 @@ if $dry_run; then
     echo "${line% }"
     exit 0
 fi
+# Ray 2.60's CLI sends a token only when RAY_AUTH_MODE=token is set: with the token in hand but the
+# mode unset, `ray job submit` fails with a long traceback that says the mode is 'disabled'.
+token_file="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
+token_from=""  # where the token is, never the token itself
+if [[ -n "${RAY_AUTH_TOKEN:-}" ]]; then token_from=RAY_AUTH_TOKEN; elif [[ -f "$token_file" ]]; then token_from="$token_file"; fi
+if [[ -z "${RAY_AUTH_MODE:-}" && -n "$token_from" ]]; then
+    die "a Ray auth token is set ($token_from) but RAY_AUTH_MODE is not, so ray would not send it: export RAY_AUTH_MODE=token (or RAY_AUTH_MODE=disabled for a cluster without auth)"
+fi
 command -v ray >/dev/null || die "the ray CLI is not installed here: pip install 'ray[default]'"
 exec "${cmd[@]}"

@@ -112,6 +112,33 @@ def test_report_files_and_psnr_match_an_independent_computation(encoded, inputs,
     assert "report:" in capsys.readouterr().out
 
 
+def test_report_shows_what_the_run_skipped_by_reason_with_keys(encoded, tmp_path, capsys):
+    config, out = encoded
+    code, report = decode(config, out, tmp_path / "report")
+    assert code == 0
+    # make_shards puts one sample without an image in each of the 2 shards: 000999 and 001999.
+    (no_image,) = report["run_failures"]["samples"]
+    assert no_image["reason"] == "no_image" and no_image["count"] == 2
+    assert [(e["stem"], e["key"]) for e in no_image["examples"]] == [("shard-00000", "000999"),
+                                                                     ("shard-00001", "001999")]
+    assert report["run_failures"]["shards"] == []
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "Not encoded by the run: 2 samples (no_image 2), 0 shards" in page
+    assert "shard-00000: 000999" in page and "shard-00001: 001999" in page
+    assert "not encoded by the run: 2 samples (no_image 2), 0 shards" in capsys.readouterr().out
+
+
+def test_grid_labels_each_pair_with_its_psnr():
+    size = 32
+    recon = np.full((2, size, size, 3), 128, np.uint8)
+    canvas = np.asarray(decode_job.grid(["a", "b"], {}, recon, [23.4, None]).convert("L"))
+    line = decode_job.LABEL_LINE
+    # The second label line of each pair holds its PSNR (or "no original"): dark text on white.
+    assert (canvas[line:2 * line, : 2 * size] < 128).any() and (canvas[line:2 * line, 2 * size + 8:] < 128).any()
+    assert decode_job.pair_label(23.44) == "PSNR 23.4 dB" and decode_job.pair_label(float("inf")) == "lossless"
+    assert decode_job.pair_label(None) == "no original"
+
+
 def test_psnr_floor_fails_naming_the_worst_rows(encoded, tmp_path):
     config, out = encoded
     code, report = decode(config, out, tmp_path / "report", "--min-psnr", "99")

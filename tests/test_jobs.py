@@ -223,6 +223,23 @@ def test_submit_usage_errors_exit_2(args, words):
     assert result.returncode == 2 and words in result.stderr and not result.stdout
 
 
+@pytest.mark.parametrize("token_in", ["file", "env"])
+def test_submit_with_a_token_but_no_auth_mode_prints_the_fix_in_one_line(tmp_path, token_in):
+    (tmp_path / ".ray").mkdir()
+    env = {"HOME": str(tmp_path), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "nowhere")}
+    if token_in == "file":
+        (tmp_path / ".ray" / "auth_token").write_text("s3cr3t-token")
+        env.pop("RAY_AUTH_TOKEN_PATH")
+    else:
+        env["RAY_AUTH_TOKEN"] = "s3cr3t-token"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | env
+    result = subprocess.run(["bash", str(SUBMIT), "--address", "http://127.0.0.1:1", "configs/demo.yaml"], cwd=ROOT,
+                            env=environ, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "export RAY_AUTH_MODE=token" in result.stderr and "Traceback" not in result.stderr
+    assert "s3cr3t" not in result.stderr  # where the token is, never the token
+
+
 def test_submit_is_shellcheck_clean():
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:

@@ -29,11 +29,18 @@ def test_end_to_end_exactly_once(tmp_path, tiny_model_path, capsys):
     assert totals["shards_committed"] == 5 and totals["samples_written"] == len(keys)
     assert totals["samples_failed_by_reason"] == {"no_image": 5}
     assert totals["stage_times_s"]["encode_s"] > 0 and totals["stage_times_s"]["decode_s"] > 0
+    assert totals["steady_images_per_s_per_worker"] > 0 and totals["startup_s"] >= 0
     assert "samples written" in capsys.readouterr().out
     # a rerun with the same config has nothing left to do and touches nothing
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
     assert cli.main(["run", str(config)]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == before
+    assert "all 5 shards already committed: nothing to do" in capsys.readouterr().out
+    # ... except a manifest a driver killed after its last commit left "running": now it is complete
+    manifest_path = out / "_vqpipe" / "run.json"
+    manifest_path.write_text(json.dumps({**manifest, "status": "running"}))
+    assert cli.main(["run", str(config)]) == 0
+    assert json.loads(manifest_path.read_text())["status"] == "complete"
 
 
 def test_embedded_ray_has_no_dashboard(ray_cluster):
@@ -41,6 +48,13 @@ def test_embedded_ray_has_no_dashboard(ray_cluster):
 
     assert len(ray_cluster.nodes()) == 1
     assert global_worker.node.address_info.get("webui_url") in (None, "")
+
+
+def test_embedded_ray_keeps_token_authentication(ray_cluster):
+    # It listens on the machine's address: only its notice about token auth is dropped, never the auth.
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    assert get_authentication_mode() == AuthenticationMode.TOKEN
 
 
 def test_workers_pinned_to_distinct_fake_gpus(tmp_path, tiny_model_path, ray_cluster):

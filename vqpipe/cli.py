@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # here, not at exit, where a reader that left could no longer be answered
+        return status
     except BrokenPipeError:
         # `vqpipe inspect OUT | head`: the reader left; say nothing more (a flush at exit would raise again).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -40,50 +42,109 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+DESCRIPTION = """\
+Encode WebDataset image shards into VQ tokens (codes and latents) with a VQ tokenizer on Ray, one
+Parquet file per shard, committed exactly once; then check the tokens and summarise the output."""
+
+EPILOG = """\
+the three commands, on the shipped demo (from the repository root):
+  vqpipe run configs/demo.yaml                   encode the shards into out/demo/*.parquet
+  vqpipe decode configs/demo.yaml --min-psnr 22  decode a sample of the tokens back to images and
+                                                 check them (report: out/demo/_vqpipe/decode/)
+  vqpipe inspect out/demo                        shards, failures, codebook usage, latent statistics
+
+`vqpipe run --help-config` lists every config key; `vqpipe COMMAND --help` shows its options.
+Exit status: 0 done, 1 some shards or checks failed, 2 usage or config error (nothing written)."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Examples keep their line breaks, and every option shows its default: a flag's is "off", and
+    an option without one says in its own help what happens when it is left out."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "(default" in help_text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return help_text
+        if action.default is False:
+            return f"{help_text} (default: off)"
+        return f"{help_text} (default: %(default)s)"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vqpipe", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vqpipe", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"vqpipe {__version__}")
-    sub = parser.add_subparsers(dest="command")
-    run = sub.add_parser("run", help="encode every shard of the config's input into token Parquet")
+    sub = parser.add_subparsers(dest="command", metavar="{run,decode,inspect,publish,bench}")
+    _run_parser(sub)
+    _decode_parser(sub)
+    _inspect_parser(sub)
+    _publish_parser(sub)
+    from vqpipe.bench import cli as bench  # its parser and command live with the benchmark
+
+    bench.add_parser(sub, formatter_class=_HelpFormatter)
+    return parser
+
+
+def _run_parser(sub) -> None:
+    run = sub.add_parser("run", help="encode every shard of the config's input into token Parquet",
+                         description="Encode every pending shard of the config's input into token Parquet.\n"
+                                     "Committed shards are skipped, so running it again resumes.",
+                         epilog="example: vqpipe run configs/demo.yaml model.batch_size=32",
+                         formatter_class=_HelpFormatter)
     run.add_argument("config", nargs="?", help="YAML config (see configs/)")
     run.add_argument("--help-config", action="store_true",
                      help="print every config key with its type, default and meaning, and exit")
     run.add_argument("overrides", nargs="*", help="dotted overrides: model.batch_size=128 output.path=s3://b/x")
     run.add_argument("--dry-run", action="store_true", help="print the plan (shards, committed, model) and stop")
-    run.add_argument("--limit-shards", type=int, metavar="N", help="process only the first N pending shards")
+    run.add_argument("--limit-shards", type=int, metavar="N",
+                     help="process only the first N pending shards (default: all)")
     run.add_argument("--overwrite", action="store_true",
                      help="discard an existing output written with another model or preprocessing")
     run.set_defaults(func=cmd_run)
+
+
+def _decode_parser(sub) -> None:
     decode = sub.add_parser("decode", help="decode stored tokens back to images and check them (PSNR, schema, "
-                                           "consistency, lineage)")
+                                           "consistency, lineage)",
+                            description="Decode a random sample of the stored tokens back to images, next to the\n"
+                                        "originals, and check PSNR, schema, consistency and lineage.",
+                            epilog="example: vqpipe decode configs/demo.yaml --min-psnr 22",
+                            formatter_class=_HelpFormatter)
     decode.add_argument("config", help="the run's YAML config")
     decode.add_argument("overrides", nargs="*", help="dotted overrides, as for run")
-    decode.add_argument("--num-samples", type=int, default=64, metavar="N")
-    decode.add_argument("--seed", type=int, default=0)
-    decode.add_argument("--out", help="report folder (default {output.path}/_vqpipe/decode/), any fsspec URL")
-    decode.add_argument("--min-psnr", type=float, help="fail (exit 1) when the mean PSNR is below this, in dB")
+    decode.add_argument("--num-samples", type=int, default=64, metavar="N",
+                        help="rows to decode, drawn at random over the whole output")
+    decode.add_argument("--seed", type=int, default=0, help="seed of the random draw (same seed, same rows)")
+    decode.add_argument("--out", help="report folder, any fsspec URL (default: {output.path}/_vqpipe/decode/)")
+    decode.add_argument("--min-psnr", type=float, metavar="DB",
+                        help="fail (exit 1) when the mean PSNR is below this, in dB (default: no floor)")
     decode.set_defaults(func=cmd_decode)
+
+
+def _inspect_parser(sub) -> None:
     inspect = sub.add_parser("inspect", help="summarise an output folder: shards, failures, codebook usage, "
-                                             "latent statistics")
+                                             "latent statistics",
+                             epilog="example: vqpipe inspect out/demo", formatter_class=_HelpFormatter)
     inspect.add_argument("output", help="output folder, local or fsspec URL")
     inspect.add_argument("--json", action="store_true", help="print the figures as JSON")
     inspect.add_argument("--storage-options", default="{}", metavar="JSON",
                          help='fsspec options for reading the output, as JSON: \'{"anon": true}\'')
     inspect.set_defaults(func=cmd_inspect)
+
+
+def _publish_parser(sub) -> None:
     publish = sub.add_parser("publish", help="write a dataset card into a finished output and upload it to a "
-                                             "Hugging Face Hub dataset repo")
+                                             "Hugging Face Hub dataset repo",
+                             epilog="example: vqpipe publish out/demo my-org/demo-tokens --dry-run",
+                             formatter_class=_HelpFormatter)
     publish.add_argument("output", help="local output folder of a finished `vqpipe run`")
     publish.add_argument("repo_id", help="dataset repo, ORG/NAME (created if missing)")
     publish.add_argument("--private", action="store_true", help="create the repo private")
-    publish.add_argument("--revision", help="branch to upload to (created if missing); default main")
+    publish.add_argument("--revision", help="branch to upload to, created if missing (default: main)")
     publish.add_argument("--dry-run", action="store_true", help="write and print the card and the files it would "
                                                                 "send, with sizes; send nothing")
     publish.add_argument("--allow-partial", action="store_true", help="publish an output that is not complete")
     publish.set_defaults(func=cmd_publish)
-    from vqpipe.bench import cli as bench  # its parser and command live with the benchmark
-
-    bench.add_parser(sub)
-    return parser
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -94,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("vqpipe run needs a config file: vqpipe run CONFIG.yaml (see configs/)")
     from vqpipe.output.folder import remove_output
     from vqpipe.run import manifest
-    from vqpipe.run.execute import execute
+    from vqpipe.run.execute import execute, nothing_to_do
     from vqpipe.run.plan import make_plan
     from vqpipe.run.shard_job import make_settings
 
@@ -116,6 +177,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if conflicts:
         remove_output(config)
         plan = make_plan(config, args.limit_shards)
+    if not plan.pending:
+        print(nothing_to_do(config, plan))
+        return EXIT_OK
     outcome = execute(config, plan, job, fingerprint)
     if outcome.aborted:
         print(f"vqpipe: {outcome.aborted}", file=sys.stderr)
@@ -137,6 +201,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
         raise ConfigError(f"output.path {config.output.path!r}: {err}") from None
     for check in report.checks:
         print(f"{'ok    ' if check.ok else 'FAILED'} {check.name}: {check.figure}")
+    if report.run_failures is not None:
+        print(f"not encoded by the run: {report.run_failures.summary()}")
     out = args.out or decode_dir(config.output.path)
     print(f"report: {out}/report.html")
     return EXIT_OK if report.ok else EXIT_FAILED

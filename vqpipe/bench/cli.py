@@ -11,9 +11,10 @@ import sys
 from vqpipe.config import ConfigError, RunConfig, load_config
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers, **options) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("bench", help="measure model, image-decoding and pipeline throughput of one "
-                                                 "worker on this machine")
+                                                 "worker on this machine", description=__doc__.splitlines()[0],
+                                   epilog="example: vqpipe bench configs/demo.yaml --samples 64", **options)
     _arguments(parser)
     parser.set_defaults(func=cmd_bench)
     return parser
@@ -34,12 +35,13 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides: model.batch_size=128")
     parser.add_argument("--samples", type=int, default=256, metavar="N", help="images through the pipeline")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per figure (medians are shown)")
-    parser.add_argument("--jpeg-size", metavar="WxH", help="re-encode the input's photos as WxH JPEGs first")
+    parser.add_argument("--jpeg-size", metavar="WxH",
+                        help="re-encode the input's photos as WxH JPEGs first (default: as they are)")
     parser.add_argument("--jpeg-quality", type=int, default=90, metavar="Q",
                         help="JPEG quality of --jpeg-size re-encoding (LAION's pre-resized 256 px shards: 95)")
     parser.add_argument("--torch-threads", type=int, metavar="T",
-                        help="torch threads for the pipeline (CPU default: cores - decode threads)")
-    parser.add_argument("--json", metavar="OUT", help="append one JSON line per run to this history file")
+                        help="torch threads for the pipeline (default: on a CPU, cores - decode threads)")
+    parser.add_argument("--json", metavar="OUT", help="append one JSON line per run to this history file (default: none)")
     parser.add_argument("--decode-only", action="store_true",
                         help="only the per-core decode ceiling, fast path and Pillow path (no model is loaded)")
     parser.add_argument("--null-model", action="store_true",

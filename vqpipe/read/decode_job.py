@@ -30,6 +30,7 @@ from vqpipe.output.layout import decode_dir
 from vqpipe.config import RunConfig
 from vqpipe.model.loading import load_model, pick_device
 from vqpipe.input.images import preprocess
+from vqpipe.read.failures import RunFailures, run_failures
 from vqpipe.read.tokens import Sampled, sample_rows
 from vqpipe.records import Preprocessed, ShardError
 from vqpipe.input.shards import iter_samples
@@ -38,6 +39,7 @@ CONSISTENCY_FLOOR = 0.999  # float16 storage may flip a code where two codewords
 DECODE_BATCH = 16  # rows per decoder pass: bounds activation memory at 256 px and above
 NAMED = 5  # offending rows named per check; the figure says how many more
 CODES_LEAF = "codes.list.element.list.element"
+LABEL_LINE = 12  # pixels per label line above each pair in grid.png (Pillow's default font is 11 high)
 
 
 @dataclass
@@ -52,6 +54,7 @@ class DecodeReport:
     samples: list[dict] = field(default_factory=list)  # key, file, source, psnr
     checks: list[Check] = field(default_factory=list)
     mean_psnr: float | None = None
+    run_failures: RunFailures | None = None  # what the run skipped: the rows here are only the good ones
 
     @property
     def ok(self) -> bool:
@@ -79,6 +82,7 @@ def run_decode(config: RunConfig, num_samples: int = 64, seed: int = 0, out: str
     if codes is not None and latents is not None:
         report.checks.append(_consistency_check(model, sampled, codes, latents, meta))
     _psnr(report, sampled, originals, recon, min_psnr)
+    report.run_failures = run_failures(config.output.path, config.output.storage_options)
     write_outputs(out, config.output.storage_options, report, sampled.table, originals, recon)
     return report
 
@@ -332,20 +336,23 @@ def write_outputs(out: str, storage_options: dict, report: DecodeReport, table, 
     keys = table.column("key").to_pylist()
     for key, image in zip(keys, recon):
         fs.pipe_file(posixpath.join(root, f"{_safe(key)}.png"), _png(Image.fromarray(image)))
-    fs.pipe_file(posixpath.join(root, "grid.png"), _png(grid(keys, originals, recon)))
+    psnrs = [s["psnr"] for s in report.samples]
+    fs.pipe_file(posixpath.join(root, "grid.png"), _png(grid(keys, originals, recon, psnrs)))
     # A lossless reconstruction has infinite PSNR, which strict JSON cannot hold: write null.
     samples = [{**s, "psnr": s["psnr"] if s["psnr"] is None or np.isfinite(s["psnr"]) else None}
                for s in report.samples]
     mean = report.mean_psnr if report.mean_psnr is None or np.isfinite(report.mean_psnr) else None
-    data = {"ok": report.ok, "mean_psnr": mean, "checks": [asdict(c) for c in report.checks], "samples": samples}
+    data = {"ok": report.ok, "mean_psnr": mean, "checks": [asdict(c) for c in report.checks], "samples": samples,
+            "run_failures": report.run_failures.to_dict() if report.run_failures else None}
     fs.pipe_file(posixpath.join(root, "report.json"), (json.dumps(data, indent=2) + "\n").encode())
     fs.pipe_file(posixpath.join(root, "report.html"), report_html(report).encode())
 
 
-def grid(keys, originals, recon, columns: int = 4) -> Image.Image:
-    """Pairs (original | reconstruction), labelled by key, ``columns`` pairs per row."""
+def grid(keys, originals, recon, psnrs=None, columns: int = 4) -> Image.Image:
+    """Pairs (original | reconstruction), labelled by key and PSNR, ``columns`` pairs per row."""
     size = recon.shape[1]
-    label = 14
+    label = LABEL_LINE * 2
+    psnrs = psnrs if psnrs is not None else [None] * len(keys)
     rows = max(1, (len(keys) + columns - 1) // columns)
     canvas = Image.new("RGB", (columns * (2 * size + 8), rows * (size + label + 8)), "white")
     draw = ImageDraw.Draw(canvas)
@@ -355,7 +362,15 @@ def grid(keys, originals, recon, columns: int = 4) -> Image.Image:
             canvas.paste(Image.fromarray(originals[key].pixels), (x, y + label))
         canvas.paste(Image.fromarray(recon[i]), (x + size, y + label))
         draw.text((x + 2, y), str(key)[:40], fill="black")
+        draw.text((x + 2, y + LABEL_LINE), pair_label(psnrs[i]), fill="black")
     return canvas
+
+
+def pair_label(psnr_db: float | None) -> str:
+    """The second label line of a pair: its PSNR, or why there is none."""
+    if psnr_db is None:
+        return "no original"
+    return "lossless" if not np.isfinite(psnr_db) else f"PSNR {psnr_db:.1f} dB"
 
 
 def report_html(report: DecodeReport) -> str:
@@ -368,7 +383,25 @@ def report_html(report: DecodeReport) -> str:
             f"<p>Left: original, preprocessed as encoded. Right: decoded from the stored tokens.</p>"
             f"<img src='grid.png' style='max-width:100%'>"
             f"<h2>Checks</h2><table border=1><tr><th>check</th><th>result</th><th>figure</th></tr>{checks}</table>"
-            f"<h2>Samples</h2><table border=1><tr><th>key</th><th>PSNR (dB)</th></tr>{samples}</table>\n")
+            f"<h2>Samples</h2><table border=1><tr><th>key</th><th>PSNR (dB)</th></tr>{samples}</table>"
+            f"{_failures_html(report.run_failures)}\n")
+
+
+def _failures_html(failures: RunFailures | None) -> str:
+    """The run's skipped samples by reason, with a few keys each, and its failed shards: the samples
+    above are drawn from the good rows only."""
+    if failures is None:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(r.reason)}</td><td>{r.count}</td><td>"
+        + "<br>".join(html.escape(f"{e['stem']}: {e['key']} ({e['message']})") for e in r.examples)
+        + "</td></tr>" for r in failures.samples)
+    shards = "".join(f"<tr><td>{html.escape(s.stem)}</td><td>{html.escape(s.reason)}</td>"
+                     f"<td>{html.escape(s.error)}</td></tr>" for s in failures.shards)
+    return (f"<h2>Not encoded by the run: {html.escape(failures.summary())}</h2>"
+            f"<table border=1><tr><th>reason</th><th>samples</th><th>first keys</th></tr>{rows}</table>"
+            + (f"<h3>Failed shards</h3><table border=1><tr><th>shard</th><th>reason</th><th>error</th></tr>"
+               f"{shards}</table>" if shards else ""))
 
 
 def _fmt_psnr(value: float | None) -> str:

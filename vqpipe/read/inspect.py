@@ -111,10 +111,10 @@ def inspect_output(path: str, storage_options: dict | None = None) -> OutputStat
     fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
     sizes = data_file_sizes(path, storage_options)
     committed, by_reason = set(), []
-    for stem, marker in _json_records(fs, posixpath.join(root, MARKER_DIR)):
+    for stem, marker in json_records(fs, posixpath.join(root, MARKER_DIR)):
         committed.add(stem)
         by_reason.append(marker.get("failures_by_reason", {}))  # the per-sample list can be long: not kept
-    failed = [_failed_shard(stem, record) for stem, record in _json_records(fs, posixpath.join(root, FAILED_DIR))]
+    failed = [failed_shard(stem, record) for stem, record in json_records(fs, posixpath.join(root, FAILED_DIR))]
     if not sizes and not committed and not failed:
         raise FileNotFoundError(f"{path}: no vqpipe output here (no Parquet files, no _vqpipe/ records)")
     stems = {posixpath.basename(p)[: -len(".parquet")] for p in sizes}
@@ -126,7 +126,7 @@ def inspect_output(path: str, storage_options: dict | None = None) -> OutputStat
     return stats
 
 
-def _json_records(fs: fsspec.AbstractFileSystem, folder: str) -> Iterator[tuple[str, dict]]:
+def json_records(fs: fsspec.AbstractFileSystem, folder: str) -> Iterator[tuple[str, dict]]:
     """``(stem, record)`` for every ``{stem}.json`` in ``folder``, in stem order, fetched
     ``JSON_BATCH`` at a time (concurrently on object stores). Transient errors are retried, and
     one that outlasts the retries is raised: a dropped listing must not read as "no records"."""
@@ -165,7 +165,7 @@ def _cat_each(fs: fsspec.AbstractFileSystem, names: list[str]) -> dict[str, byte
     return bodies
 
 
-def _failed_shard(stem: str, record: dict) -> FailedShard:
+def failed_shard(stem: str, record: dict) -> FailedShard:
     error = str(record.get("error", ""))
     reason = next((r for r in typing.get_args(ShardErrorReason) if r in error), "other")
     return FailedShard(stem, record.get("source"), reason, error, record.get("attempts"))

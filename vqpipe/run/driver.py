@@ -102,8 +102,27 @@ def start_embedded_ray(**resources) -> None:
     ``address="local"`` always starts a new cluster: a plain ``init()`` may attach to another
     cluster on this machine or trip over a stale ``/tmp/ray/ray_current_cluster``. (Ray resolves
     a loopback node address to the machine's reachable IP, so it cannot be pinned to 127.0.0.1.)
+
+    Because it listens on that address, it keeps the token authentication Ray turns on by default
+    for a new cluster (a token in ``~/.ray/auth_token``, created on first use; ``RAY_AUTH_MODE``,
+    when the user set it, decides instead). Only Ray's notice about that default is dropped: it
+    would tell every user of the demo how to turn the protection off.
     """
+    _quiet_auth_notice()
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False, **resources)
+
+
+class _DropTokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def _quiet_auth_notice() -> None:
+    # Setting RAY_AUTH_MODE=token ourselves would be the plain way, but Ray then skips refreshing
+    # its cached config in this process, which goes on without a token and is refused by its own GCS.
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in logger.filters):
+        logger.addFilter(_DropTokenAuthNotice())
 
 
 def worker_shape(config: RunConfig) -> tuple[int, float, int]:

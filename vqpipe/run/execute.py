@@ -9,7 +9,7 @@ from vqpipe import __version__
 from vqpipe.config import RunConfig
 from vqpipe.output.folder import sweep_leftovers, write_json
 from vqpipe.output.layout import MANIFEST
-from vqpipe.run.driver import run_on_ray
+from vqpipe.run import manifest as run_manifest
 from vqpipe.run.outcome import Outcome
 from vqpipe.run.plan import Plan
 from vqpipe.run.progress import Progress, summary_table
@@ -26,19 +26,33 @@ def execute(config: RunConfig, plan: Plan, job: ShardSettings, fingerprint: dict
     }
     write_json(config, MANIFEST, manifest)
     sweep_leftovers(config)
-    progress = Progress(total=plan.total, already=len(plan.committed))
-    outcome = run_on_ray(config, plan, progress)
-    progress.update(outcome, force=True)
-    progress.close()
+    # Imported here: Ray costs seconds to import and more to start, and a run with nothing pending
+    # (see nothing_to_do) never needs it.
+    from vqpipe.run.driver import run_on_ray
+
+    with Progress(total=plan.total, already=len(plan.committed)) as progress:
+        outcome = run_on_ray(config, plan, progress)
+        progress.update(outcome, force=True)
     wall = time.time() - started
     manifest.update(status="aborted" if outcome.aborted else ("failed" if outcome.failed else "complete"),
-                    ended_at=_iso(time.time()), totals=_totals(outcome, plan, wall))
+                    ended_at=_iso(time.time()), totals=_totals(outcome, plan, wall, started))
     write_json(config, MANIFEST, manifest)
-    print(summary_table(outcome, skipped=len(plan.committed), wall_s=wall, output=config.output.path))
+    print(summary_table(outcome, skipped=len(plan.committed), wall_s=wall, output=config.output.path,
+                        startup_s=outcome.startup_s(started)))
     return outcome
 
 
-def _totals(outcome: Outcome, plan: Plan, wall: float) -> dict:
+def nothing_to_do(config: RunConfig, plan: Plan) -> str:
+    """Every shard is committed: say so, without starting Ray. The output stays as it is, except a
+    manifest left ``running`` by a driver killed after the last commit, which is marked complete."""
+    previous = run_manifest.read_manifest(config)
+    if previous is not None and previous.get("status") != "complete":
+        previous.update(status="complete", ended_at=_iso(time.time()))
+        write_json(config, MANIFEST, previous)
+    return f"all {plan.total} shards already committed: nothing to do ({config.output.path})"
+
+
+def _totals(outcome: Outcome, plan: Plan, wall: float, started: float) -> dict:
     reasons = outcome.failures_by_reason()
     rows = outcome.rows
     stages = {k: round(sum(getattr(r.times, k) for r in outcome.committed.values()), 3)
@@ -47,8 +61,13 @@ def _totals(outcome: Outcome, plan: Plan, wall: float) -> dict:
         "shards": plan.total, "shards_committed": len(outcome.committed), "shards_failed": len(outcome.failed),
         "shards_skipped": len(plan.committed), "samples_written": rows, "samples_failed_by_reason": reasons,
         "wall_s": round(wall, 3), "images_per_s": round(rows / wall, 2) if wall else None,
-        "failed_shards": outcome.failed, "stage_times_s": stages,
+        "startup_s": _rounded(outcome.startup_s(started)), "steady_images_per_s_per_worker": _rounded(
+            outcome.steady_rate()), "failed_shards": outcome.failed, "stage_times_s": stages,
     }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 def _iso(t: float) -> str:

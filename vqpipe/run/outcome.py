@@ -22,3 +22,24 @@ class Outcome:
 
     def failures_by_reason(self) -> dict[str, int]:
         return sum_reasons(r.failures_by_reason for r in self.committed.values())
+
+    def steady_rate(self) -> float | None:
+        """Images per second of worker time: what one worker does once started, whatever the
+        start-up cost and however many workers ran."""
+        busy = sum(r.times.total_s for r in self.committed.values())
+        return self.rows / busy if busy > 0 else None
+
+    def rates_by_worker(self) -> dict[str, float]:
+        """Steady images/s of each worker process, in the order they first committed a shard."""
+        rows: dict[str, int] = collections.defaultdict(int)
+        busy: dict[str, float] = collections.defaultdict(float)
+        for r in self.committed.values():
+            rows[r.worker] += r.rows
+            busy[r.worker] += r.times.total_s
+        return {w: rows[w] / busy[w] for w in rows if busy[w] > 0}
+
+    def startup_s(self, run_started: float) -> float | None:
+        """From the run's start to the first shard a worker began: Ray's start, the actors' start and
+        their model loads."""
+        starts = [r.started_at for r in self.committed.values() if r.started_at]
+        return max(0.0, min(starts) - run_started) if starts else None

@@ -1,5 +1,5 @@
-"""What a person sees while a run goes: a live line on a TTY, quiet parseable log lines otherwise,
-and the final summary table."""
+"""What a person sees while a run goes: a live progress bar on a TTY, the same bar as plain log lines
+otherwise (Ray job logs are files: no carriage returns), and the final summary table."""
 
 from __future__ import annotations
 
@@ -8,10 +8,17 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 if TYPE_CHECKING:
     from vqpipe.run.outcome import Outcome
 
 log = logging.getLogger(__name__)
+
+# A fixed-width bar, so log lines stay aligned and the postfix (images, rates) never truncates it.
+# tqdm puts ", " before the postfix itself.
+BAR_FORMAT = "shards {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}"
 
 
 class Progress:
@@ -22,35 +29,65 @@ class Progress:
         self.interval_s = interval_s if not self.tty else 0.5
         self.started = time.time()
         self._last = 0.0
+        self._shown: tuple = ()  # what the last line said: the final forced update repeats nothing
+        self.bar = tqdm(total=total, initial=already, file=self.stream, bar_format=BAR_FORMAT,
+                        dynamic_ncols=True) if self.tty else None
+        self._redirect = None
+
+    def __enter__(self) -> "Progress":
+        # On a terminal, log lines (a worker ready, a retry) go above the bar instead of into it.
+        if self.bar is not None:
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        if self._redirect is not None:
+            self._redirect.__exit__(*exc)
+            self._redirect = None
 
     def update(self, outcome: "Outcome", force: bool = False) -> None:
         now = time.time()
         if not force and now - self._last < self.interval_s:
             return
-        self._last = now
-        done = len(outcome.committed)
-        rows = outcome.rows
-        failed_samples = sum(outcome.failures_by_reason().values())
-        elapsed = max(now - self.started, 1e-9)
-        rate = rows / elapsed
-        todo = self.total - self.already
-        eta = (todo - done - len(outcome.failed)) * elapsed / done if done else float("nan")
-        text = (f"shards {self.already + done}/{self.total} ({len(outcome.failed)} failed) | {rows} images "
-                f"{rate:.1f} img/s | {failed_samples} bad samples | ETA {_duration(eta)}")
-        if self.tty:
-            self.stream.write("\r" + text.ljust(100))
-            self.stream.flush()
+        done = self.already + len(outcome.committed) + len(outcome.failed)
+        state = (done, outcome.rows)
+        if force and state == self._shown:
+            return
+        self._last, self._shown = now, state
+        if self.bar is not None:
+            self.bar.n = done
+            self.bar.set_postfix_str(status_text(outcome, now - self.started), refresh=False)
+            self.bar.refresh()
         else:
-            log.info(text)
+            log.info("%s", tqdm.format_meter(done, self.total, now - self.started, ascii=True, initial=self.already,
+                                             bar_format=BAR_FORMAT,
+                                             postfix=status_text(outcome, now - self.started)))
 
     def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
+        if self.bar is not None:
+            self.bar.close()
 
 
-def summary_table(outcome: "Outcome", skipped: int, wall_s: float, output: str) -> str:
+def status_text(outcome: "Outcome", elapsed_s: float) -> str:
+    """Images, rate, bad samples, failed shards, and each worker's steady rate when there are several."""
+    rows = outcome.rows
+    parts = [f"{rows} images, {rows / max(elapsed_s, 1e-9):.1f} img/s",
+             f"{sum(outcome.failures_by_reason().values())} bad samples"]
+    if outcome.failed:
+        parts.append(f"{len(outcome.failed)} shards failed")
+    rates = outcome.rates_by_worker()
+    if len(rates) > 1:
+        parts.append("per worker " + " ".join(f"w{i}:{r:.1f}" for i, r in enumerate(rates.values(), 1)) + " img/s")
+    return " | ".join(parts)
+
+
+def summary_table(outcome: "Outcome", skipped: int, wall_s: float, output: str, startup_s: float | None = None
+                  ) -> str:
     rows = outcome.rows
     reasons = outcome.failures_by_reason()
+    steady = outcome.steady_rate()
     lines = [
         ("shards committed", str(len(outcome.committed))),
         ("shards failed", str(len(outcome.failed))),
@@ -59,7 +96,9 @@ def summary_table(outcome: "Outcome", skipped: int, wall_s: float, output: str) 
         ("samples failed", str(sum(reasons.values()))),
         *((f"  {reason}", str(n)) for reason, n in reasons.items()),
         ("wall time", _duration(wall_s)),
-        ("images/s", f"{rows / wall_s:.1f}" if wall_s > 0 else "-"),
+        ("start-up (Ray, workers, model load)", _duration(startup_s) if startup_s is not None else "-"),
+        ("images/s (wall clock)", f"{rows / wall_s:.1f}" if wall_s > 0 else "-"),
+        ("images/s per worker (steady)", f"{steady:.1f}" if steady is not None else "-"),
         ("output", output),
     ]
     width = max(len(k) for k, _ in lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import os
 import resource
 import socket
 import sys
@@ -65,6 +66,8 @@ class ShardResult:
     times: StageTimes
     amp_fallback_batches: int = 0
     failures_by_reason: dict[str, int] = field(default_factory=dict)
+    worker: str = ""  # host:pid of the process that ran it: per-worker rates in the progress line
+    started_at: float = 0.0  # wall-clock time the shard began: the run's start-up ends at the first
 
 
 def make_settings(input: InputConfig, preprocess_cfg: PreprocessConfig, output: OutputConfig, model, precision: str
@@ -96,7 +99,7 @@ def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder
     Bad samples become failure records with reasons; a shard-level problem (missing or truncated
     tar, storage error) raises after the partial output has been discarded, never published.
     """
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     failures: list[Failure] = []
     times, stats = StageTimes(), PrefetchStats()
     writer = ShardWriter(job.output.path, stem, job.layout, job.metadata, job.output.storage_options)
@@ -119,7 +122,8 @@ def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder
         writer.abort()
         raise
     return ShardResult(url, stem, committed, rows, [f.to_dict() for f in failures], times, amp_fallbacks,
-                       failures_by_reason=_count_reasons(failures))
+                       failures_by_reason=_count_reasons(failures), worker=f"{socket.gethostname()}:{os.getpid()}",
+                       started_at=started_at)
 
 
 def _timed_preprocess(cfg: PreprocessConfig, image_keys, sample: Sample) -> tuple[Preprocessed | Failure, float]:
