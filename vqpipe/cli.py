@@ -82,6 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.config is None:
         raise ConfigError("vqpipe run needs a config file: vqpipe run CONFIG.yaml (see configs/)")
+    from vqpipe.encode.precision import resolve_for
     from vqpipe.output.folder import remove_output
     from vqpipe.run import manifest
     from vqpipe.run.execute import execute
@@ -92,8 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--limit-shards must be >= 1")
     config = load_config(args.config, args.overrides)
     model = _load_model(config)
-    precision = str(model.autocast_dtype(config.model.precision, _device_hint()) or "fp32").replace("torch.", "")
-    job = make_settings(config.input, config.preprocess, config.output, model, precision)
+    precision = resolve_for(config.model.precision, _device_hint(), model.config.force_upcast)
+    job = make_settings(config.input, config.preprocess, config.output, model, precision, config.model.audit_samples)
     fingerprint = manifest.fingerprint(job.metadata, config)
     plan = make_plan(config, args.limit_shards)
     conflicts = manifest.incompatibilities(manifest.read_manifest(config), fingerprint)

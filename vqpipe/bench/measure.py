@@ -102,8 +102,7 @@ def _setup(config: RunConfig, encoder: TokenEncoder, samples: int, repeats: int,
         # of the model's CPU time at demo sizes, so taking cores from torch for it measured slower).
         torch_threads = torch.get_num_threads() if cuda else max(1, min(cores, config.ray.cpus_per_worker))
     name = torch.cuda.get_device_name(encoder.device) if cuda else _cpu_name()
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[encoder.autocast_dtype]
-    return Setup(str(encoder.device), name, cores, decode_threads, torch_threads, precision, encoder.compiled,
+    return Setup(str(encoder.device), name, cores, decode_threads, torch_threads, encoder.precision, encoder.compiled,
                  config.preprocess.resolution, encoder.batch_size, samples, repeats, source, os.getloadavg()[0],
                  _cpu_passes(encoder, config.preprocess.resolution, torch_threads))
 

@@ -141,5 +141,5 @@ def pipeline_probes(samples: list[Sample], config: RunConfig, encoder: TokenEnco
 def _scratch_job(config: RunConfig, encoder: TokenEncoder, url: str, out: str):
     input_cfg = dataclasses.replace(config.input, urls=(url,), storage_options={})
     output = dataclasses.replace(config.output, path=out, storage_options={})
-    precision = str(encoder.autocast_dtype or "fp32").replace("torch.", "")
-    return make_settings(input_cfg, config.preprocess, output, encoder.model, precision)
+    return make_settings(input_cfg, config.preprocess, output, encoder.model, encoder.precision,
+                         config.model.audit_samples)

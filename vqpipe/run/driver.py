@@ -24,6 +24,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from vqpipe import faults
 from vqpipe.config import RunConfig
 from vqpipe.encode.encoder import TokenEncoder
+from vqpipe.encode.fidelity import guard_verdict
 from vqpipe.model.loading import load_model, pick_device
 from vqpipe.output.folder import remove_json, write_json
 from vqpipe.output.layout import failure_record
@@ -45,8 +46,8 @@ class ShardWorker:
         model = load_model(config.model)
         device = pick_device()
         self.encoder = TokenEncoder.from_config(model, device, config)
-        precision = str(self.encoder.autocast_dtype or "fp32").replace("torch.", "")
-        self.job = make_settings(config.input, config.preprocess, config.output, model, precision)
+        self.job = make_settings(config.input, config.preprocess, config.output, model, self.encoder.precision,
+                                 config.model.audit_samples)
         workers = config.preprocess.decode_workers
         self.pool = ThreadPoolExecutor(config.ray.cpus_per_worker if workers == "auto" else workers,
                                        thread_name_prefix="vqpipe-decode")
@@ -56,6 +57,7 @@ class ShardWorker:
     def ready(self) -> dict:
         return {"node": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": str(self.encoder.device),
+                "precision": self.encoder.precision,
                 "batches": self.encoder.describe(self.resolution)}
 
     def process(self, url: str, stem: str) -> ShardResult:
@@ -199,8 +201,8 @@ class Driver:
         index = self.restarting.pop(ref)
         try:
             info = ray.get(ref)
-            log.info("worker %d ready on %s (device %s, GPU ids %s, %s)", index, info["node"], info["device"],
-                     info["gpu_ids"], info["batches"])
+            log.info("worker %d ready on %s (device %s, GPU ids %s, %s, %s)", index, info["node"], info["device"],
+                     info["gpu_ids"], info["precision"], info["batches"])
             self.idle.append(index)
         except RayActorError:
             # Still restarting (Ray answers ActorUnavailableError meanwhile): ask again shortly.
@@ -278,19 +280,28 @@ class Driver:
                 running[attempt.stem] += 1
 
     def _guard(self, result: ShardResult) -> None:
+        """Look at the first ``ray.guard_shards`` shards once they are in: a failure reason that
+        dominates them, or audits under ``model.min_code_agreement``, stop the run."""
         cfg = self.config.ray
-        if cfg.guard_fail_fraction <= 0 or len(self.guard_seen) >= cfg.guard_shards:
+        if len(self.guard_seen) >= cfg.guard_shards:
             return
         self.guard_seen.append(result)
         if len(self.guard_seen) < min(cfg.guard_shards, self.plan.total):
             return
+        self.outcome.aborted = (self._failure_verdict()
+                                or guard_verdict([r.audit for r in self.guard_seen],
+                                                 self.config.model.min_code_agreement))
+
+    def _failure_verdict(self) -> str | None:
+        cfg = self.config.ray
         reasons = sum_reasons(r.failures_by_reason for r in self.guard_seen)
         total = sum(r.rows for r in self.guard_seen) + sum(reasons.values())
-        if not reasons or not total:
-            return
+        if cfg.guard_fail_fraction <= 0 or not reasons or not total:
+            return None
         reason, count = reasons.most_common(1)[0]
         if count / total >= cfg.guard_fail_fraction:
-            self.outcome.aborted = guard_message(reason, count, total, len(self.guard_seen), self.config)
+            return guard_message(reason, count, total, len(self.guard_seen), self.config)
+        return None
 
 
 def guard_message(reason: str, count: int, total: int, shards: int, config: RunConfig) -> str:

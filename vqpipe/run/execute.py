@@ -32,22 +32,24 @@ def execute(config: RunConfig, plan: Plan, job: ShardSettings, fingerprint: dict
     progress.close()
     wall = time.time() - started
     manifest.update(status="aborted" if outcome.aborted else ("failed" if outcome.failed else "complete"),
-                    ended_at=_iso(time.time()), totals=_totals(outcome, plan, wall))
+                    ended_at=_iso(time.time()), totals=_totals(outcome, plan, wall, config.model.min_code_agreement))
     write_json(config, MANIFEST, manifest)
-    print(summary_table(outcome, skipped=len(plan.committed), wall_s=wall, output=config.output.path))
+    print(summary_table(outcome, skipped=len(plan.committed), wall_s=wall, output=config.output.path,
+                        min_code_agreement=config.model.min_code_agreement))
     return outcome
 
 
-def _totals(outcome: Outcome, plan: Plan, wall: float) -> dict:
+def _totals(outcome: Outcome, plan: Plan, wall: float, min_code_agreement: float) -> dict:
     reasons = dict(outcome.failures_by_reason())
     rows = outcome.rows
     stages = {k: round(sum(getattr(r.times, k) for r in outcome.committed.values()), 3)
-              for k in ("read_s", "decode_s", "encode_s", "write_s", "wait_s")}
+              for k in ("read_s", "decode_s", "encode_s", "audit_s", "write_s", "wait_s")}
     return {
         "shards": plan.total, "shards_committed": len(outcome.committed), "shards_failed": len(outcome.failed),
         "shards_skipped": len(plan.committed), "samples_written": rows, "samples_failed_by_reason": reasons,
         "wall_s": round(wall, 3), "images_per_s": round(rows / wall, 2) if wall else None,
         "failed_shards": outcome.failed, "stage_times_s": stages,
+        "fidelity": outcome.fidelity(min_code_agreement), "precision_switches": outcome.precision_switches(),
     }
 
 

@@ -6,6 +6,7 @@ import collections
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from vqpipe.encode.fidelity import summarize
 from vqpipe.run.shard_job import ShardResult
 
 
@@ -30,3 +31,12 @@ class Outcome:
 
     def failures_by_reason(self) -> collections.Counter:
         return sum_reasons(r.failures_by_reason for r in self.committed.values())
+
+    def fidelity(self, min_code_agreement: float) -> dict:
+        """The committed shards' fidelity audits: min and median across shards, and the shards
+        under the floor (:func:`vqpipe.encode.fidelity.summarize`)."""
+        return summarize(((stem, r.audit) for stem, r in sorted(self.committed.items())), min_code_agreement)
+
+    def precision_switches(self) -> dict[str, list[dict]]:
+        """Shards during which a worker fell back to a safer precision, with the switches."""
+        return {stem: r.precision_switches for stem, r in sorted(self.committed.items()) if r.precision_switches}

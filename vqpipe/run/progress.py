@@ -8,6 +8,8 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from vqpipe.encode.fidelity import summary_lines
+
 if TYPE_CHECKING:
     from vqpipe.run.outcome import Outcome
 
@@ -48,7 +50,8 @@ class Progress:
             self.stream.write("\n")
 
 
-def summary_table(outcome: "Outcome", skipped: int, wall_s: float, output: str) -> str:
+def summary_table(outcome: "Outcome", skipped: int, wall_s: float, output: str,
+                  min_code_agreement: float = 0.0) -> str:
     rows = outcome.rows
     reasons = outcome.failures_by_reason()
     lines = [
@@ -64,6 +67,11 @@ def summary_table(outcome: "Outcome", skipped: int, wall_s: float, output: str) 
     ]
     width = max(len(k) for k, _ in lines)
     out = [f"{k.ljust(width)}  {v}" for k, v in lines]
+    if outcome.committed:
+        out += summary_lines(outcome.fidelity(min_code_agreement))
+    for stem, switches in outcome.precision_switches().items():
+        out.append(f"precision fallback in {stem}: " + "; ".join(
+            f"{s['from']} -> {s['to']} after {s['after_non_finite_batches']} NaN/Inf batches" for s in switches))
     for stem, error in sorted(outcome.failed.items()):
         out.append(f"FAILED {stem}: {error}")
     return "\n".join(out)
