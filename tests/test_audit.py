@@ -133,3 +133,43 @@ def test_guard_verdict_names_the_precision_and_the_fix():
     assert "bf16" in message and "93.00%" in message and "model.precision=fp16" in message
     assert guard_verdict([low], 0.9) is None and guard_verdict([low], 0) is None
     assert guard_verdict([None, {"skipped": "precision is fp32"}], 0.97) is None
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_run_reports_the_audits_in_summary_manifest_and_inspect(tmp_path, capsys):
+    from runfiles import make_shards, write_config
+    from vqpipe import cli
+
+    make_shards(tmp_path / "in", 3, per_shard=4)
+    out = tmp_path / "out"
+    config = write_config(tmp_path, "demo", str(tmp_path / "in" / "shard-*.tar"), out)
+    assert cli.main(["run", str(config), "model.precision=fp16", "model.audit_samples=2",
+                     "model.min_code_agreement=0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "fidelity audit (3 shards, fp16 vs fp32): codes agree min" in printed
+    totals = json.loads((out / "_vqpipe" / "run.json").read_text())["totals"]
+    fidelity = totals["fidelity"]
+    assert fidelity["shards_audited"] == 3 and fidelity["precision"] == ["fp16"]
+    assert 0.5 < fidelity["code_agreement"]["min"] <= fidelity["code_agreement"]["median"] <= 1
+    assert fidelity["below_min_code_agreement"] == [] and totals["stage_times_s"]["audit_s"] > 0
+    assert cli.main(["inspect", str(out), "--json"]) == 0
+    inspected = json.loads(capsys.readouterr().out)["fidelity"]
+    assert inspected["code_agreement"] == fidelity["code_agreement"] and inspected["min_code_agreement"] == 0.5
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_guard_stops_a_run_whose_audits_fall_under_the_floor(tmp_path, capsys):
+    from runfiles import make_shards, write_config
+    from vqpipe import cli
+
+    make_shards(tmp_path / "in", 4, per_shard=3)
+    out = tmp_path / "out"
+    # bf16 keeps ~94% of the demo tokenizer's codes (see the README's fidelity table): under the floor.
+    config = write_config(tmp_path, "demo", str(tmp_path / "in" / "shard-*.tar"), out,
+                          ray={"guard_shards": 2, "num_workers": 1})
+    assert cli.main(["run", str(config), "model.precision=bf16", "model.audit_samples=2",
+                     "model.min_code_agreement=0.99"]) == 1
+    err = capsys.readouterr().err
+    assert "fidelity audit of the first 2 shards" in err and "bf16 codes" in err
+    assert "Likely fix: set model.precision=fp16" in err
+    assert json.loads((out / "_vqpipe" / "run.json").read_text())["status"] == "aborted"
