@@ -15,6 +15,9 @@ import torch
 from vqpipe.bench.inputs import bench_samples
 from vqpipe.bench.probes import (
     DECODE_SAMPLES,
+    code_agreement,
+    precision_variants,
+    precision_probes,
     decode_probe,
     flops_per_image,
     interleaved,
@@ -27,6 +30,7 @@ from vqpipe.bench.report import (
     BenchReport,
     ModelFigures,
     PipelineFigures,
+    PrecisionFigures,
     Setup,
     _peak_kind,
     advice,
@@ -51,20 +55,25 @@ def run_bench(config: RunConfig, samples: int, repeats: int, jpeg_size: tuple[in
         try:
             x = model_input(images, config, encoder)
             pipelines = pipeline_probes(images, config, encoder, setup, Path(tmp), pool)
-            probes = {**model_probes(x, encoder, setup), "decode": decode_probe(images[:DECODE_SAMPLES], config),
-                      **pipelines}
+            probes = {**model_probes(x, encoder, setup), **precision_probes(x, encoder, setup),
+                      "decode": decode_probe(images[:DECODE_SAMPLES], config), **pipelines}
             rates = interleaved(probes, repeats)
             flops = flops_per_image(encoder.model, x)
+            agreement = code_agreement(x, encoder)
         finally:
             torch.set_num_threads(threads_before)
-    return _report(setup, rates, flops, pipelines["pipeline"].median_run())
+    report = _report(setup, rates, flops, pipelines["pipeline"].median_run(), agreement["model"])
+    report.precisions = [PrecisionFigures(name, eager, rates[probe], agreement[probe])
+                         for probe, (name, eager) in precision_variants(encoder).items()]
+    return report
 
 
-def _report(setup: Setup, rates: dict[str, float], flops: float, median_run: ShardResult) -> BenchReport:
+def _report(setup: Setup, rates: dict[str, float], flops: float, median_run: ShardResult,
+            agreement: float) -> BenchReport:
     peaks = PEAK_TFLOPS.get(peak_device(setup.device_name) or "") if setup.device.startswith("cuda") else None
     kind = _peak_kind(setup.precision) if peaks else None
     model = ModelFigures(rates["model"], rates["model_fp32_eager"], rates.get("model_all_cores"), flops,
-                         flops * rates["model"] / 1e12, peaks[kind] if peaks else None, kind)
+                         flops * rates["model"] / 1e12, peaks[kind] if peaks else None, kind, agreement)
     times = {k: round(v, 3) for k, v in dataclasses.asdict(median_run.times).items()}
     pipeline = PipelineFigures(rates["pipeline"], median_run.rows, times, rates.get("pipeline_all_cores"))
     decode = rates["decode"] * setup.decode_threads
