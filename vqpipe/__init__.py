@@ -5,6 +5,10 @@ ARCHITECTURE — data flows one way; each arrow is a module:
     shard URL --urls--> samples --shards--> preprocessed images --images--> batches (prefetch)
       --encode (VQModel.tokenize)--> codes + scaled latents --sink--> {stem}.parquet + commit marker
 
+The encoder runs in ``model.precision`` (names and the ``auto`` rule: ``encode.precision``); before
+its marker is written, every shard re-encodes a few images in fp32 (``encode.audit``) and records
+how far its codes are from the model's exact ones.
+
 ``shard_job.process_shard`` runs that chain for one shard with no Ray in it; ``driver`` (the only
 Ray module) hands shard URLs from a queue to GPU-pinned actors that each hold one model; ``plan``
 decides what is left to do; ``cli`` validates the config (``config``) at the edge and starts it.

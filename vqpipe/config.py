@@ -69,7 +69,7 @@ class ModelConfig:
     micro_batch: Union[int, Literal["auto"]] = _f(
         "auto", doc="images per forward pass within a batch; auto = the batch on GPU, cache-sized on CPU")
     audit_samples: int = _f(
-        8, doc="fidelity audit: images per shard re-encoded in fp32 and decoded, recorded in the shard's "
+        4, doc="fidelity audit: images per shard re-encoded in fp32 and decoded, recorded in the shard's "
                "marker (0 = off; nothing to audit when precision is fp32)")
     min_code_agreement: float = _f(
         DEFAULT_MIN_CODE_AGREEMENT, doc="the guard stops the run when the first shards' audited codes agree with fp32 less than "
