@@ -123,7 +123,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     model = _load_model(config)  # a bad model path is a usage error, reported before any work
     try:
-        report = run_decode(config, args.num_samples, args.seed, args.out, args.min_psnr, model=model)
+        report = run_decode(config, args.num_samples, args.seed, args.out, args.min_psnr, model=model,
+                            reconstruct=_cluster_decoder(config))
     except (FileNotFoundError, NotTokenOutput) as err:
         raise ConfigError(f"output.path {config.output.path!r}: {err}") from None
     for check in report.checks:
@@ -149,6 +150,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise ConfigError(str(err)) from None
     print(json.dumps(stats.to_dict(), indent=2) if args.json else format_text(stats))
     return EXIT_OK
+
+
+def _cluster_decoder(config: RunConfig):
+    """The decoder pass on a GPU worker when the config names a cluster (Ray is imported only then)."""
+    if not (config.ray.address or os.environ.get("RAY_ADDRESS")):
+        return None
+    from vqpipe.run.driver import gpu_reconstruct
+
+    return gpu_reconstruct(config)
 
 
 def _config_help() -> str:

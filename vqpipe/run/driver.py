@@ -322,6 +322,41 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[-1] if text else ''}"[:500]
 
 
+class GpuReconstruct:
+    """``vqpipe decode``'s decoder pass as a Ray task holding one GPU of the cluster: the driver of
+    a cluster job usually runs on a CPU-only head node. The task loads the model on its worker."""
+
+    def __init__(self, config: RunConfig):
+        self.model = config.model
+        self.task = ray.remote(num_gpus=1)(_reconstruct_on_worker)
+        self.ran_on: dict | None = None  # node and GPU ids of the last call
+
+    def __call__(self, codes, latents, meta: dict):
+        images, self.ran_on = ray.get(self.task.remote(self.model, codes, latents, meta))
+        log.info("decoded %d images on %s (GPU ids %s)", len(images), self.ran_on["node"], self.ran_on["gpu_ids"])
+        return images
+
+
+def gpu_reconstruct(config: RunConfig) -> GpuReconstruct | None:
+    """A decoder pass on a GPU worker when the config names a cluster (``ray.address`` or
+    ``RAY_ADDRESS``) that has GPUs; None (decode here) otherwise: a local decode starts no Ray."""
+    if (config.ray.address or os.environ.get("RAY_ADDRESS")) is None:
+        return None
+    init_ray(config)
+    if ray.cluster_resources().get("GPU", 0.0) < 1:
+        return None
+    return GpuReconstruct(config)
+
+
+def _reconstruct_on_worker(model_config, codes, latents, meta: dict):
+    from vqpipe.read.decode_job import reconstruct_images
+
+    model = load_model(model_config).to(pick_device())
+    where = {"node": socket.gethostname(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+             "device": str(pick_device())}
+    return reconstruct_images(model, codes, latents, meta), where
+
+
 def run_on_ray(config: RunConfig, plan: Plan, progress: Progress) -> Outcome:
     init_ray(config)
     if not plan.pending:
