@@ -59,3 +59,17 @@ def test_dtypes_and_the_fallback_chain():
     assert precision.autocast_dtype("fp16") == torch.float16 and precision.autocast_dtype("bf16") == torch.bfloat16
     assert precision.autocast_dtype("fp32") is None and precision.autocast_dtype("tf32") is None
     assert [precision.safer(n) for n in ("fp16", "bf16", "tf32", "fp32")] == ["bf16", "fp32", "fp32", None]
+
+
+def test_tf32_switches_are_set_for_the_pass_and_restored():
+    import torch
+
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32
+    with precision.compute("tf32", "cuda"):
+        assert matmul.allow_tf32 and cudnn.allow_tf32
+    with precision.compute("fp32", "cuda"):
+        assert not matmul.allow_tf32 and not cudnn.allow_tf32  # fp32 means IEEE fp32, cuDNN included
+    assert (matmul.allow_tf32, cudnn.allow_tf32) == before
+    with precision.compute("fp16", "cpu"):
+        assert (matmul.allow_tf32, cudnn.allow_tf32) == before  # nothing to switch off CUDA
