@@ -16,7 +16,7 @@ from runfiles import PHOTOS
 from vqpipe import faults
 from vqpipe.config import InputConfig, ModelConfig, OutputConfig, PreprocessConfig
 from vqpipe.encode.encoder import TokenEncoder
-from vqpipe.encode.fidelity import guard_verdict, summarize
+from vqpipe.encode.fidelity import guard_verdict, summarize, summary_lines
 from vqpipe.model.loading import load_model
 from vqpipe.output.arrays import fixed_list_to_numpy
 from vqpipe.output.sink import read_marker
@@ -125,6 +125,9 @@ def test_summary_min_median_and_the_shards_under_the_floor():
     assert summary["code_agreement"] == {"min": 0.95, "median": 0.98}
     assert summary["psnr_db"] == {"min": 24.0, "median": 28.0}
     assert summary["below_min_code_agreement"] == ["s1"]
+    text = "\n".join(summary_lines(summary))
+    assert "codes agree min 95.00%, median 98.00%" in text and "PSNR: min 24.00 dB" in text
+    assert "1 shard(s) below model.min_code_agreement 97.00%: s1" in text and "not audited: precision is fp32 (1)" in text
 
 
 def test_guard_verdict_names_the_precision_and_the_fix():
