@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-GPU benchmark of vqpipe (issue 6): `vqpipe bench` for the demo tokenizer (configs/demo.yaml,
-# precision/compile auto = bf16 + torch.compile on CUDA) and for an LDM-f4-sized VQ model
+# precision/compile auto = fp16 + torch.compile on CUDA) and for an LDM-f4-sized VQ model
 # (block_out_channels 128-256-512, 2 layers per block, 8192 codes, random init) at 256x256, bf16 +
 # compile, batch 128 and 256. Needs only this repository and wheels: no network, no Ray cluster.
 #

@@ -37,6 +37,7 @@ def test_bench_prints_the_table_and_appends_one_line_per_run(argv, tmp_path, cap
                 "| pipeline (process_shard", "| efficiency"):
         assert row in out
     assert "bottleneck: " in out and "GFLOP/img" in out
+    assert "codes agree with fp32 on 100.00%" in out  # fp32 on a CPU: the model's own codes
     # Torch on every core: the "all cores" rows are then skipped (and the run is quicker).
     assert main(argv + ["--jpeg-size", "96x64", "--jpeg-quality", "95",
                         "--torch-threads", str(len(os.sched_getaffinity(0)))]) == 0
@@ -55,6 +56,15 @@ def test_bench_prints_the_table_and_appends_one_line_per_run(argv, tmp_path, cap
     assert record["pipeline"]["rows"] == 6  # every sample of the scratch shard written
     assert record["efficiency"] > 0 and record["bottleneck"] in ("model", "decode")
     assert record["advice"] and record["peak_rss_mb"] > 0
+    assert record["model"]["code_agreement"] == 1.0 and record["precisions"] == []  # CPU: no extra precisions
+
+
+def test_bench_prints_the_agreement_of_an_amp_precision(argv, capsys):
+    assert main(argv[:4] + ["model.precision=bf16"] + argv[4:]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| model ceiling (bf16"))
+    share = float(row.split("codes agree with fp32 on ")[1].split("%")[0])
+    assert 50 < share <= 100
 
 
 def test_null_model_runs_the_pipeline_without_the_model(argv, capsys):

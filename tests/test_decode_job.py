@@ -267,3 +267,27 @@ def test_decode_of_an_output_with_no_tokens_exits_2(tmp_path, tiny_model_path, c
     (tmp_path / "empty-output").mkdir()
     assert cli.main(["decode", str(config)]) == 2
     assert "empty-output" in capsys.readouterr().err
+
+
+def test_on_a_cluster_with_gpus_the_decoder_runs_on_a_gpu_worker(encoded, tmp_path, caplog):
+    """The session's Ray has 2 fake GPUs: with ray.address set, the decoder pass is a task holding
+    one of them (on this machine it still runs on the CPU), and the figures do not change."""
+    import logging
+
+    from vqpipe.config import load_config
+    from vqpipe.run.driver import GpuReconstruct, gpu_reconstruct
+
+    config, out = encoded
+    local_code, local = decode(config, out, tmp_path / "local")
+    assert gpu_reconstruct(load_config(config, [f"output.path={out}"])) is None  # no cluster named: here
+    with caplog.at_level(logging.INFO, logger="vqpipe.run.driver"):
+        code = cli.main(["decode", str(config), f"output.path={out}", "ray.address=auto", "--out",
+                         str(tmp_path / "remote"), "--num-samples", "100"])
+    remote = json.loads((tmp_path / "remote" / "report.json").read_text())
+    assert code == local_code == 0
+    ran = [r.message for r in caplog.records if r.message.startswith("decoded ")]
+    assert len(ran) == 1 and "(GPU ids ['" in ran[0]
+    # Another process with another torch thread count sums convolutions in another order: a pixel
+    # may round the other way (1e-3 dB is ~0.02% of the MSE).
+    assert [s["psnr"] for s in remote["samples"]] == pytest.approx([s["psnr"] for s in local["samples"]], abs=1e-3)
+    assert isinstance(gpu_reconstruct(load_config(config, ["ray.address=auto"])), GpuReconstruct)

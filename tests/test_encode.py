@@ -1,10 +1,14 @@
 """TokenEncoder: uint8 pixels in, codes and scaled latents out, with AMP and overflow guards."""
 
+import json
+import logging
+
 import numpy as np
 import pytest
 import torch
 
 from tinymodel import tiny_model
+from vqpipe import faults
 from vqpipe.encode.encoder import TokenEncoder
 
 
@@ -75,3 +79,59 @@ def test_compiled_partial_batches_are_padded_not_recompiled(model):
         graphs.append(counters["stats"]["unique_graphs"])
     # the padded partial batches reuse the full batch's graphs
     assert graphs[0] >= 1 and graphs == [graphs[0]] * 3
+
+
+def _poison(monkeypatch, *precisions):
+    """Every batch encoded in these precisions comes out with a NaN image (vqpipe.faults)."""
+    monkeypatch.setenv(faults.ENV, json.dumps([{"action": "non_finite", "precision": p} for p in precisions]))
+
+
+def test_repeated_overflow_switches_to_the_next_safer_precision_once(model, monkeypatch, caplog):
+    _poison(monkeypatch, "fp16")
+    encoder = TokenEncoder(model, torch.device("cpu"), "fp16", False, batch_size=4, value_range=(-1, 1),
+                           fallback_after=3)
+    with caplog.at_level(logging.WARNING, logger="vqpipe.encode.encoder"):
+        outs = [encoder(_pixels(4, seed=i)) for i in range(5)]
+    assert [o.amp_fallback for o in outs] == [True, True, True, False, False]
+    assert [o.precision for o in outs] == ["fp32", "fp32", "fp32", "bf16", "bf16"]
+    assert encoder.precision == "bf16" and encoder.amp_fallback_batches == 3
+    assert encoder.switches == [{"from": "fp16", "to": "bf16", "after_non_finite_batches": 3}]
+    assert all(o.finite.all() for o in outs)  # the redone batches are whole
+    assert len([r for r in caplog.records if "for the rest of this worker's life" in r.message]) == 1
+
+
+def test_a_good_batch_resets_the_count_and_bf16_falls_back_to_fp32(model, monkeypatch):
+    encoder = TokenEncoder(model, torch.device("cpu"), "fp16", False, batch_size=2, value_range=(-1, 1),
+                           fallback_after=2)
+    _poison(monkeypatch, "fp16")
+    encoder(_pixels(2))
+    monkeypatch.setenv(faults.ENV, "")
+    encoder(_pixels(2))  # a finite fp16 batch: the run of failures starts again
+    _poison(monkeypatch, "fp16", "bf16")
+    encoder(_pixels(2))
+    assert encoder.precision == "fp16"
+    for _ in range(3):
+        encoder(_pixels(2))
+    assert [(s["from"], s["to"]) for s in encoder.switches] == [("fp16", "bf16"), ("bf16", "fp32")]
+    assert encoder.precision == "fp32"
+
+
+def test_the_fp32_redo_runs_in_the_configured_passes(model, monkeypatch):
+    _poison(monkeypatch, "fp16")
+    passes = []
+    model.encoder.register_forward_pre_hook(lambda module, args: passes.append(args[0].shape[0]))
+    encoder = TokenEncoder(model, torch.device("cpu"), "fp16", False, batch_size=6, value_range=(-1, 1),
+                           micro_batch=2, streams=1)
+    out = encoder(_pixels(6))
+    assert out.amp_fallback and out.finite.all()
+    assert passes == [2] * 6  # three fp16 passes, then the fp32 redo in passes of 2, not one of 6
+
+
+def test_images_non_finite_in_fp32_too_do_not_count_against_amp(model):
+    with torch.no_grad():
+        model.quant_conv.bias.fill_(float("inf"))
+    encoder = TokenEncoder(model, torch.device("cpu"), "fp16", False, batch_size=2, value_range=(-1, 1),
+                           fallback_after=1)
+    for _ in range(2):
+        assert not encoder(_pixels(2)).finite.any()
+    assert encoder.precision == "fp16" and encoder.switches == []

@@ -31,8 +31,9 @@ class _Terminal(io.StringIO):
 def test_summary_reports_start_up_and_steady_rate_apart_from_the_wall_clock_rate():
     # 14 images in 2 s of worker time, after 25 s of start-up, in a 28 s run: what the demo looks like.
     outcome = _outcome(_result("a", 8, 1.0, "h:1", 25.0), _result("b", 6, 1.0, "h:1", 26.0))
-    lines = dict(line.rsplit("  ", 1) for line in summary_table(
-        outcome, skipped=0, wall_s=28.0, output="out/demo", startup_s=outcome.startup_s(RUN_STARTED)).splitlines())
+    text = summary_table(outcome, skipped=0, wall_s=28.0, output="out/demo", startup_s=outcome.startup_s(RUN_STARTED))
+    table = text.split("\nfidelity audit")[0]  # the key-value table; the audit's own lines follow it
+    lines = dict(line.rsplit("  ", 1) for line in table.splitlines())
     figures = {k.strip(): v.strip() for k, v in lines.items()}
     assert figures["start-up (Ray, workers, model load)"] == "0m25s"
     assert figures["images/s (wall clock)"] == "0.5"

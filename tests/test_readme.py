@@ -32,8 +32,9 @@ def quick_start_blocks(language: str) -> list[str]:
 
 
 def _pairs(block: str) -> list[tuple[str, str]]:
-    """``label   value`` lines of a summary table."""
-    return [tuple(part.strip() for part in line.rsplit("  ", 1)) for line in block.strip().splitlines()]
+    """``label   value`` lines of a summary table (the fidelity audit's own lines follow it)."""
+    table = block.strip().split("\nfidelity audit")[0]
+    return [tuple(part.strip() for part in line.rsplit("  ", 1)) for line in table.splitlines()]
 
 
 @pytest.fixture(scope="module")

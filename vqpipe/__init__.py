@@ -11,6 +11,10 @@ ARCHITECTURE — data flows one way; each stage is a folder, each arrow a module
 ``run/plan`` decides what is left to do, ``run/manifest`` what an output folder may hold,
 ``run/execute`` runs one plan start to end; ``cli`` validates the config (``config``) at the edge.
 
+The encoder runs in ``model.precision`` (names and the ``auto`` rule: ``encode/precision``); before
+its marker is written, every shard re-encodes a few images in fp32 (``encode/audit``) and records
+how far its codes are from the model's exact ones.
+
 Reading back (``read/``): ``tokens`` (Arrow / NumPy), ``dataset`` (a PyTorch ``IterableDataset``),
 ``inspect`` (``vqpipe inspect``), ``decode_job`` (``vqpipe decode``: tokens back to images, with
 checks). The model lives in ``model/`` (``loading`` resolves ``demo`` and ``hf://`` paths);

@@ -153,6 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.config is None:
         raise ConfigError("vqpipe run needs a config file: vqpipe run CONFIG.yaml (see configs/)")
+    from vqpipe.encode.precision import resolve_for
     from vqpipe.output.folder import remove_output
     from vqpipe.run import manifest
     from vqpipe.run.execute import execute, nothing_to_do
@@ -163,8 +164,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--limit-shards must be >= 1")
     config = load_config(args.config, args.overrides)
     model = _load_model(config)
-    precision = str(model.autocast_dtype(config.model.precision, _device_hint()) or "fp32").replace("torch.", "")
-    job = make_settings(config.input, config.preprocess, config.output, model, precision)
+    precision = resolve_for(config.model.precision, _device_hint(), model.config.force_upcast)
+    job = make_settings(config.input, config.preprocess, config.output, model, precision, config.model.audit_samples)
     fingerprint = manifest.fingerprint(job.metadata, config)
     plan = make_plan(config, args.limit_shards)
     conflicts = manifest.incompatibilities(manifest.read_manifest(config), fingerprint)
@@ -196,7 +197,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     model = _load_model(config)  # a bad model path is a usage error, reported before any work
     try:
-        report = run_decode(config, args.num_samples, args.seed, args.out, args.min_psnr, model=model)
+        report = run_decode(config, args.num_samples, args.seed, args.out, args.min_psnr, model=model,
+                            reconstruct=_cluster_decoder(config))
     except (FileNotFoundError, NotTokenOutput) as err:
         raise ConfigError(f"output.path {config.output.path!r}: {err}") from None
     for check in report.checks:
@@ -224,6 +226,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise ConfigError(str(err)) from None
     print(json.dumps(stats.to_dict(), indent=2) if args.json else format_text(stats))
     return EXIT_OK
+
+
+def _cluster_decoder(config: RunConfig):
+    """The decoder pass on a GPU worker when the config names a cluster (Ray is imported only then)."""
+    if not (config.ray.address or os.environ.get("RAY_ADDRESS")):
+        return None
+    from vqpipe.run.driver import gpu_reconstruct
+
+    return gpu_reconstruct(config)
 
 
 def _config_help() -> str:

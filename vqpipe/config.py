@@ -15,6 +15,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from vqpipe.encode.fidelity import DEFAULT_MIN_CODE_AGREEMENT
+from vqpipe.encode.precision import Precision
+
 SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")
 
 
@@ -62,11 +65,22 @@ class ModelConfig:
     subfolder: Union[str, None] = _f(None, doc="subfolder inside path (e.g. 'vqvae' or 'movq')")
     storage_options: dict = _f({}, doc="fsspec options for reading the checkpoint")
     scaling_factor: Union[float, None] = _f(None, doc="override the checkpoint's scaling_factor")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", doc="auto = bf16 on CUDA, fp32 on CPU")
+    precision: Precision = _f(
+        "auto", doc="auto = fp16 on CUDA (bf16 when the checkpoint sets force_upcast), fp32 on CPU; "
+                    "tf32 = fp32 tensors with TF32 matmuls and convolutions (CUDA)")
     compile: Literal["auto", True, False] = _f("auto", doc="torch.compile the encoder; auto = on for CUDA")
     batch_size: int = _f(64, doc="images per encode step (and per GPU forward pass)")
     micro_batch: Union[int, Literal["auto"]] = _f(
         "auto", doc="images per forward pass within a batch; auto = the batch on GPU, cache-sized on CPU")
+    audit_samples: int = _f(
+        4, doc="fidelity audit: images per shard re-encoded in fp32 and decoded, recorded in the shard's "
+               "marker (0 = off; nothing to audit when precision is fp32)")
+    min_code_agreement: float = _f(
+        DEFAULT_MIN_CODE_AGREEMENT, doc="the guard stops the run when the first shards' audited codes agree with fp32 less than "
+                  "this; later shards below it are listed in the summary (0 = off)")
+    fallback_after: int = _f(
+        3, doc="AMP batches non-finite this many times in a row switch the worker to the next safer "
+               "precision (fp16 -> bf16 -> fp32) for the rest of its life (0 = never)")
 
 
 @dataclass(frozen=True)
@@ -292,6 +306,9 @@ def semantic_checks(config: RunConfig) -> None:
          "preprocess.decode_workers must be >= 1 or auto"),
         (config.model.batch_size >= 1, "model.batch_size must be >= 1"),
         (config.model.micro_batch == "auto" or config.model.micro_batch >= 1, "model.micro_batch must be >= 1 or auto"),
+        (config.model.audit_samples >= 0, "model.audit_samples must be >= 0"),
+        (0 <= config.model.min_code_agreement <= 1, "model.min_code_agreement must be within [0, 1]"),
+        (config.model.fallback_after >= 0, "model.fallback_after must be >= 0"),
         (config.output.codes or config.output.latents, "output.codes and output.latents cannot both be false"),
         (config.ray.num_workers == "auto" or config.ray.num_workers >= 1, "ray.num_workers must be >= 1 or auto"),
         (config.ray.cpus_per_worker >= 1, "ray.cpus_per_worker must be >= 1"),

@@ -4,6 +4,9 @@
 "once": "/tmp/flag"}]``. ``action`` is ``exit`` (``os._exit``: the process dies as if killed), ``raise``,
 or ``sleep`` (for ``seconds``: a straggler). With ``once``, the fault fires only for the attempt that creates that file, so the
 retry succeeds.
+
+``{"action": "non_finite", "precision": "fp16"}`` makes the first image of every batch encoded
+in that precision come out NaN, as an overflowing checkpoint would (the fp32 redo is untouched).
 """
 
 from __future__ import annotations
@@ -35,6 +38,15 @@ def after_batch(stem: str, batches_done: int) -> None:
                 time.sleep(float(fault.get("seconds", 60)))
                 continue
             raise InjectedFault(f"injected fault in {stem} after batch {batches_done}")
+
+
+def poison_latents(latents, precision: str):
+    """``latents`` with image 0 set to NaN when a ``non_finite`` fault names ``precision``."""
+    for fault in _faults(os.environ.get(ENV, "")):
+        if fault.get("action") == "non_finite" and fault.get("precision") == precision:
+            latents = latents.clone()
+            latents[:1] = float("nan")
+    return latents
 
 
 def _claim(flag: str | None) -> bool:

@@ -15,6 +15,9 @@ import torch
 from vqpipe.bench.inputs import bench_samples
 from vqpipe.bench.probes import (
     DECODE_SAMPLES,
+    code_agreement,
+    precision_variants,
+    precision_probes,
     decode_probe,
     flops_per_image,
     interleaved,
@@ -27,6 +30,7 @@ from vqpipe.bench.report import (
     BenchReport,
     ModelFigures,
     PipelineFigures,
+    PrecisionFigures,
     Setup,
     _peak_kind,
     advice,
@@ -52,20 +56,26 @@ def run_bench(config: RunConfig, samples: int, repeats: int, jpeg_size: tuple[in
             x = model_input(images, config, encoder)
             pipelines = pipeline_probes(images, config, encoder, setup, Path(tmp), pool)
             decode_images = images[:DECODE_SAMPLES]
-            probes = {**model_probes(x, encoder, setup), "decode": decode_probe(decode_images, config),
+            probes = {**model_probes(x, encoder, setup), **precision_probes(x, encoder, setup),
+                      "decode": decode_probe(decode_images, config),
                       "decode_pillow": decode_probe(decode_images, config, fast=False), **pipelines}
             rates = interleaved(probes, repeats)
             flops = flops_per_image(encoder.model, x)
+            agreement = code_agreement(x, encoder)
         finally:
             torch.set_num_threads(threads_before)
-    return _report(setup, rates, flops, pipelines["pipeline"].median_run())
+    report = _report(setup, rates, flops, pipelines["pipeline"].median_run(), agreement["model"])
+    report.precisions = [PrecisionFigures(name, eager, rates[probe], agreement[probe])
+                         for probe, (name, eager) in precision_variants(encoder).items()]
+    return report
 
 
-def _report(setup: Setup, rates: dict[str, float], flops: float, median_run: ShardResult) -> BenchReport:
+def _report(setup: Setup, rates: dict[str, float], flops: float, median_run: ShardResult,
+            agreement: float) -> BenchReport:
     peaks = PEAK_TFLOPS.get(peak_device(setup.device_name) or "") if setup.device.startswith("cuda") else None
     kind = _peak_kind(setup.precision) if peaks else None
     model = ModelFigures(rates["model"], rates["model_fp32_eager"], rates.get("model_all_cores"), flops,
-                         flops * rates["model"] / 1e12, peaks[kind] if peaks else None, kind)
+                         flops * rates["model"] / 1e12, peaks[kind] if peaks else None, kind, agreement)
     times = {k: round(v, 3) for k, v in dataclasses.asdict(median_run.times).items()}
     pipeline = PipelineFigures(rates["pipeline"], median_run.rows, times, rates.get("pipeline_all_cores"))
     decode = rates["decode"] * setup.decode_threads
@@ -110,8 +120,7 @@ def _setup(config: RunConfig, encoder: TokenEncoder, samples: int, repeats: int,
         # of the model's CPU time at demo sizes, so taking cores from torch for it measured slower).
         torch_threads = torch.get_num_threads() if cuda else max(1, min(cores, config.ray.cpus_per_worker))
     name = torch.cuda.get_device_name(encoder.device) if cuda else _cpu_name()
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[encoder.autocast_dtype]
-    return Setup(str(encoder.device), name, cores, threads, torch_threads, precision, encoder.compiled,
+    return Setup(str(encoder.device), name, cores, threads, torch_threads, encoder.precision, encoder.compiled,
                  config.preprocess.resolution, encoder.batch_size, samples, repeats, source, os.getloadavg()[0],
                  _cpu_passes(encoder, config.preprocess.resolution, torch_threads))
 

@@ -38,7 +38,8 @@ class NullEncoder(TokenEncoder):
         self._codes = torch.zeros(self.batch_size, side, side, dtype=torch.int64, device=self.device)
         self._latents = torch.zeros(self.batch_size, cfg.embed_dim, side, side, device=self.device)
 
-    def encode_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_tensor(self, x: torch.Tensor, precision: str | None = None,
+                      eager: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
         return self._codes[:n], self._latents[:n]
 

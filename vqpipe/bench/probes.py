@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vqpipe.bench.inputs import _preprocess, write_shard
 from vqpipe.bench.report import Setup
 from vqpipe.config import RunConfig
+from vqpipe.encode import precision
 from vqpipe.encode.encoder import TokenEncoder
 from vqpipe.records import Sample
 from vqpipe.run.shard_job import ShardResult, make_settings, process_shard
@@ -48,6 +49,33 @@ def model_probes(x: torch.Tensor, encoder: TokenEncoder, setup: Setup) -> dict[s
     if encoder.device.type == "cpu" and setup.torch_threads != setup.cores:
         variants["model_all_cores"] = _threaded(configured, setup.cores)
     return {name: _calls_probe(fn, x) for name, fn in variants.items()}
+
+
+def precision_variants(encoder: TokenEncoder) -> dict[str, tuple[str, bool]]:
+    """Probe name -> ``(precision, eager)`` of the model passes timed besides the configured one: on
+    CUDA every precision, compiled (when the encoder is) and eager; on a CPU none (AMP is slower there,
+    and bf16 convolutions take a ~30x slower path on CPUs without AVX512-BF16/AMX)."""
+    if encoder.device.type != "cuda":
+        return {}
+    modes = (False, True) if encoder.compiled else (True,)
+    return {f"model_{name}{'_eager' if eager and encoder.compiled else ''}": (name, eager)
+            for name in precision.NAMES for eager in modes}
+
+
+def precision_probes(x: torch.Tensor, encoder: TokenEncoder, setup: Setup) -> dict[str, Probe]:
+    return {probe: _calls_probe(_threaded(lambda t, n=name, e=eager: encoder.encode_tensor(t, n, e),
+                                          setup.torch_threads), x)
+            for probe, (name, eager) in precision_variants(encoder).items()}
+
+
+@torch.inference_mode()
+def code_agreement(x: torch.Tensor, encoder: TokenEncoder) -> dict[str, float]:
+    """Share of code positions equal to the model's eager fp32 codes on the same input, for the
+    configured pass (``model``) and every precision variant."""
+    reference = encoder.encode_tensor(x, "fp32", eager=True)[0]
+    runs = {"model": (encoder.precision, False), **precision_variants(encoder)}
+    return {probe: float((encoder.encode_tensor(x, name, eager)[0] == reference).float().mean())
+            for probe, (name, eager) in runs.items()}
 
 
 def model_input(samples: list[Sample], config: RunConfig, encoder: TokenEncoder) -> torch.Tensor:
@@ -144,5 +172,5 @@ def pipeline_probes(samples: list[Sample], config: RunConfig, encoder: TokenEnco
 def scratch_job(config: RunConfig, encoder: TokenEncoder, url: str, out: str):
     input_cfg = dataclasses.replace(config.input, urls=(url,), storage_options={})
     output = dataclasses.replace(config.output, path=out, storage_options={})
-    precision = str(encoder.autocast_dtype or "fp32").replace("torch.", "")
-    return make_settings(input_cfg, config.preprocess, output, encoder.model, precision)
+    return make_settings(input_cfg, config.preprocess, output, encoder.model, encoder.precision,
+                         config.model.audit_samples)

@@ -52,6 +52,17 @@ class ModelFigures:
     achieved_tflops: float
     peak_tflops: float | None  # datasheet peak for the precision, known CUDA devices only
     peak_kind: str | None
+    code_agreement: float = 1.0  # configured pass vs eager fp32, on the same input: share of equal codes
+
+
+@dataclass
+class PrecisionFigures:
+    """One more precision timed (CUDA): its speed and how many of fp32's codes it keeps."""
+
+    precision: str
+    eager: bool
+    img_s: float
+    code_agreement: float
 
 
 @dataclass
@@ -74,13 +85,14 @@ class BenchReport:
     advice: list[str] = field(default_factory=list)
     peak_rss_mb: float = 0.0
     peak_gpu_mb: float | None = None  # torch.cuda.max_memory_allocated, CUDA only
+    precisions: list[PrecisionFigures] = field(default_factory=list)  # CUDA: every precision, same input
 
 
 def _peak_kind(precision: str) -> str:
     if precision in ("bf16", "fp16"):
-        return "bf16"
-    # Convolutions dominate, and cuDNN runs fp32 convolutions in TF32 unless told otherwise.
-    return "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
+        return "bf16"  # the same tensor-core peak on the devices listed
+    # vqpipe's fp32 turns TF32 off (vqpipe.encode.precision): its codes are the model's own.
+    return "tf32" if precision == "tf32" else "fp32"
 
 
 def peak_device(device_name: str) -> str | None:
@@ -103,7 +115,7 @@ def advice(r: BenchReport) -> list[str]:
         lines.append(f"model-bound: {s.decode_threads} decode thread(s) could feed {decode * s.decode_threads:.0f}"
                      f" img/s, the model takes {r.model.img_s:.1f}; {need:.2f} decode cores would do")
         if where == "GPU" and (s.precision == "fp32" or not s.compiled):
-            lines.append("model.precision=bf16 and model.compile=true usually raise the model ceiling")
+            lines.append("model.precision=auto (fp16 on CUDA) and model.compile=true usually raise the model ceiling")
     if where == "worker":
         lines.append(_cpu_advice(r))
     if s.load_avg > s.cores:
@@ -134,9 +146,12 @@ def format_report(r: BenchReport, config_path: str) -> str:
     peak = f" of {m.peak_tflops:g} {m.peak_kind} peak ({m.achieved_tflops / m.peak_tflops:.0%})" if m.peak_tflops else ""
     rows = [
         (f"model ceiling ({s.precision}, {eager}{on}{', ' + s.cpu_passes if s.cpu_passes else ''})", m.img_s,
-         f"{m.flops_per_image / 1e9:.2f} GFLOP/img, {m.achieved_tflops:.3g} TFLOP/s{peak}"),
+         f"{m.flops_per_image / 1e9:.2f} GFLOP/img, {m.achieved_tflops:.3g} TFLOP/s{peak}; "
+         f"{_agree(m.code_agreement)}"),
         (f"model fp32 eager{on}", m.fp32_eager_img_s, "reference: VQModel.tokenize, the batch in one pass"),
     ]
+    rows += [(f"model {p.precision} ({'eager' if p.eager else 'compiled'})", p.img_s, _agree(p.code_agreement))
+             for p in r.precisions]
     if m.all_cores_img_s is not None:
         rows.append((f"model, torch on all {s.cores} cores", m.all_cores_img_s, "no decoding beside it"))
     rows += [
@@ -159,6 +174,10 @@ def format_report(r: BenchReport, config_path: str) -> str:
     return "\n".join([head, *table, "", f"stage times of the median run (s): {times}",
                       f"peak RSS: {r.peak_rss_mb:.0f} MiB" + (f", peak GPU memory: {r.peak_gpu_mb:.0f} MiB"
                                                               if r.peak_gpu_mb is not None else ""), *r.advice])
+
+
+def _agree(share: float) -> str:
+    return f"codes agree with fp32 on {share:.2%}"
 
 
 def append_history(path: str, report: BenchReport, config_path: str, overrides: list[str]) -> None:

@@ -14,7 +14,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from vqpipe import faults
 from vqpipe.config import RunConfig
+from vqpipe.encode import precision as precisions
 from vqpipe.encode.cpu_passes import Streams, cache_per_stream, cpu_micro_batch, last_level_cache, start_streams
 from vqpipe.model.vq_model import VQModel
 
@@ -27,6 +29,7 @@ class EncodedBatch:
     latents: np.ndarray  # (B, D, h, w) float32, already multiplied by scaling_factor
     finite: np.ndarray  # (B,) bool: False where latents stayed non-finite even in fp32
     amp_fallback: bool  # the batch was re-encoded in fp32 because AMP produced NaN/Inf
+    precision: str = "fp32"  # what these codes were computed in (fp32 after an AMP fallback)
 
 
 class TokenEncoder:
@@ -38,17 +41,25 @@ class TokenEncoder:
     images as keep the first stage's activations in cache. On a CPU the passes run on ``streams``
     single-threaded streams at once (``auto`` = the caller's torch thread count; an uncompiled
     encoder only): see :mod:`vqpipe.encode.cpu_passes`.
+
+    ``precision`` is resolved once (:mod:`vqpipe.encode.precision`). An AMP batch whose latents
+    come out non-finite is re-encoded in fp32; after ``fallback_after`` such batches in a row the
+    encoder moves to the next safer precision for good (``switches`` records each move).
     """
 
     def __init__(self, model: VQModel, device: torch.device, precision: str, compile: bool | str,
                  batch_size: int, value_range: tuple[float, float], micro_batch: int | str = "auto",
-                 streams: int | str = "auto", compile_backend: str = "inductor"):
+                 streams: int | str = "auto", fallback_after: int = 3, compile_backend: str = "inductor"):
         self.device = device
         self.model = model.to(device)
-        self.autocast_dtype = model.autocast_dtype(precision, device)
+        self.precision = precisions.resolve_for(precision, device, model.config.force_upcast)
+        self.fallback_after = fallback_after
+        self.switches: list[dict] = []  # {"from", "to", "after_non_finite_batches"}, in order
+        self._non_finite_in_a_row = 0
         self.compiled = compile is True or (compile == "auto" and device.type == "cuda")
         self.batch_size = batch_size
         self.micro_batch = micro_batch
+        self.value_range = value_range
         low, high = value_range
         self._scale, self._offset = (high - low) / 255.0, low
         # channels_last on every device: cuDNN convolutions are fastest in it, NHWC pixels permuted to
@@ -67,7 +78,7 @@ class TokenEncoder:
             # (Other backends, e.g. "eager" in tests of the padding, take no inductor options.)
             options = {"freezing": True} if device.type == "cpu" and compile_backend == "inductor" else None
             self._tokenize = torch.compile(model.tokenize, dynamic=False, backend=compile_backend, options=options)
-        self.amp_fallback_batches = 0
+        self.amp_fallback_batches = 0  # batches redone in fp32, over the encoder's life
         self._fixed_streams = None if streams == "auto" else int(streams)
         self._streams: Streams | None = None
         # The stream count _streams was made for; _streams stays None for 1, or if torch refused.
@@ -78,7 +89,13 @@ class TokenEncoder:
     def from_config(cls, model: VQModel, device: torch.device, config: RunConfig) -> "TokenEncoder":
         """The encoder a worker runs for ``config`` (the driver's actors and ``vqpipe bench`` alike)."""
         return cls(model, device, config.model.precision, config.model.compile, config.model.batch_size,
-                   config.preprocess.value_range, config.model.micro_batch)
+                   config.preprocess.value_range, config.model.micro_batch,
+                   fallback_after=config.model.fallback_after)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return precisions.autocast_dtype(self.precision)
+
     def _current_streams(self) -> Streams | None:
         """The streams for this call: ``auto`` follows the caller's torch thread count, so a Ray
         actor with N CPUs (torch on N threads) runs N streams. None on a GPU, and for a compiled
@@ -104,16 +121,35 @@ class TokenEncoder:
         if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
             raise ValueError(f"expected (B, R, R, 3) uint8 pixels, got {pixels.dtype} {pixels.shape}")
         x = self._to_device(pixels)
-        codes, latents = self.encode_tensor(x)
-        finite = torch.isfinite(latents).flatten(1).all(dim=1)
-        amp_fallback = False
-        if self.autocast_dtype is not None and not bool(finite.all()):
-            # fp16 overflow is a known failure of some VQ checkpoints: redo the batch in fp32.
-            amp_fallback = True
+        used = self.precision
+        codes, latents = self.encode_tensor(x, used)
+        latents = faults.poison_latents(latents, used)
+        finite = amp_finite = torch.isfinite(latents).flatten(1).all(dim=1)
+        amp_fallback = used in precisions.AMP and not bool(finite.all())
+        if amp_fallback:
+            # fp16 overflow is a known failure of some VQ checkpoints: redo the batch in fp32, in the
+            # same passes (and under the same out-of-memory guard) as any batch.
             self.amp_fallback_batches += 1
-            codes, latents = self.model.tokenize(x, autocast_dtype=None)
+            codes, latents = self.encode_tensor(x, "fp32")
             finite = torch.isfinite(latents).flatten(1).all(dim=1)
-        return EncodedBatch(codes.cpu().numpy(), latents.cpu().numpy(), finite.cpu().numpy(), amp_fallback)
+        # AMP is to blame only where fp32 succeeded: an image that is NaN/Inf in fp32 too is not its fault.
+        self._count_non_finite(used, amp_fallback and bool((finite & ~amp_finite).any()))
+        return EncodedBatch(codes.cpu().numpy(), latents.cpu().numpy(), finite.cpu().numpy(), amp_fallback,
+                            "fp32" if amp_fallback else used)
+
+    def _count_non_finite(self, used: str, non_finite: bool) -> None:
+        """Learn from repeated overflow: ``fallback_after`` non-finite AMP batches in a row move
+        this encoder to the next safer precision for the rest of the worker's life."""
+        if used not in precisions.AMP:
+            return
+        self._non_finite_in_a_row = self._non_finite_in_a_row + 1 if non_finite else 0
+        if not self.fallback_after or self._non_finite_in_a_row < self.fallback_after:
+            return
+        safer = precisions.resolve_for(precisions.safer(used), self.device, force_upcast=False)
+        self.switches.append({"from": used, "to": safer, "after_non_finite_batches": self._non_finite_in_a_row})
+        log.warning("%d %s batches in a row came out NaN/Inf (each redone in fp32): encoding in %s for the rest "
+                    "of this worker's life", self._non_finite_in_a_row, used, safer)
+        self.precision, self._non_finite_in_a_row = safer, 0
 
     def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
         # Upload uint8 (4x fewer bytes than fp32) and scale on the device.
@@ -147,32 +183,52 @@ class TokenEncoder:
         on = f" on {streams.streams} single-threaded streams" if streams else ""
         return f"batch {self.batch_size} in passes of {step}{on}"
 
-    def encode_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_tensor(self, x: torch.Tensor, precision: str | None = None,
+                      eager: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled images already on the device -> ``(codes, latents)``, as a batch is run: in
-        passes, on streams, with the out-of-memory guard (no NaN check)."""
+        passes, on streams, with the out-of-memory guard (no NaN check). ``precision`` defaults to
+        the encoder's; ``eager`` skips the compiled graph (and its padding): the fidelity audit's
+        reference is the model itself in fp32."""
+        precision = precision or self.precision
         step, streams = self._plan(*x.shape[-2:])
         if x.shape[0] <= step:
-            return self._encode_pass(x, step)
+            return self._encode_pass(x, step, precision, eager)
         run = streams.map if streams else lambda fn, items: [fn(item) for item in items]
-        parts = run(lambda part: self._encode_pass(part, step), x.split(step))
+        parts = run(lambda part: self._encode_pass(part, step, precision, eager), x.split(step))
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def _encode_pass(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_pass(self, x: torch.Tensor, step: int, precision: str,
+                     eager: bool) -> tuple[torch.Tensor, torch.Tensor]:
         try:
-            return self._encode_padded(x, step)
+            with precisions.compute(precision, self.device.type):
+                return self._encode_padded(x, step, precisions.autocast_dtype(precision), eager)
         except torch.OutOfMemoryError:
             if x.shape[0] == 1:
                 raise
             torch.cuda.empty_cache()
             self.batch_size = max(1, x.shape[0] // 2)
             log.warning("CUDA out of memory at batch %d: halving the batch size to %d", x.shape[0], self.batch_size)
-            return self.encode_tensor(x)
+            return self.encode_tensor(x, precision, eager)
 
-    def _encode_padded(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_padded(self, x: torch.Tensor, step: int, dtype: torch.dtype | None,
+                       eager: bool) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
+        if eager:
+            return self.model.tokenize(x, autocast_dtype=dtype)
         if not self.compiled or n >= step:
-            return self._tokenize(x, autocast_dtype=self.autocast_dtype)
+            return self._tokenize(x, autocast_dtype=dtype)
         pad = x[-1:].expand(step - n, *x.shape[1:])
         padded = torch.cat([x, pad]).contiguous(memory_format=self.memory_format)
-        codes, latents = self._tokenize(padded, autocast_dtype=self.autocast_dtype)
+        codes, latents = self._tokenize(padded, autocast_dtype=dtype)
         return codes[:n], latents[:n]
+
+    @torch.inference_mode()
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``(B, h, w)`` on the device -> images ``(B, 3, H, W)`` in the model's value range,
+        decoded eagerly in fp32 (TF32 off on CUDA)."""
+        with precisions.compute("fp32", self.device.type):
+            return self.model.decode_codes(codes)
+
+    def to_model_input(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 ``(B, R, R, 3)`` pixels -> the scaled tensor the model sees, on the device."""
+        return self._to_device(pixels)

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from vqpipe.encode.precision import autocast_dtype, resolve_for
 from vqpipe.model.blocks import Decoder, Encoder
 from vqpipe.model.config import VQModelConfig
 from vqpipe.model.quantizer import VectorQuantizer
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class _TupleOutput:
@@ -129,21 +127,9 @@ class VQModel(nn.Module):
         return self.decoder(self.post_quant_conv(quant), quant if self.config.norm_type == "spatial" else None)
 
     def autocast_dtype(self, precision: str, device: torch.device | str) -> torch.dtype | None:
-        """The autocast dtype for a requested precision (``auto``/``fp32``/``bf16``/``fp16``), or ``None``
-        for plain fp32. ``auto`` is bf16 on CUDA, fp32 elsewhere. ``force_upcast`` in the config is the
-        checkpoint's way of saying fp16 overflows: fp16 then falls back to bf16 (fp32 where bf16 is
-        unsupported), with a warning."""
-        device = torch.device(device)
-        if precision == "auto":
-            precision = "bf16" if device.type == "cuda" else "fp32"
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision={precision!r}; choose one of ['auto', {', '.join(map(repr, PRECISIONS))}]")
-        if precision == "fp16" and self.config.force_upcast:
-            bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
-            precision = "bf16" if bf16_ok else "fp32"
-            warnings.warn(f"the checkpoint sets force_upcast (fp16 overflows in this model): using {precision} "
-                          "instead of fp16", stacklevel=2)
-        return None if precision == "fp32" else PRECISIONS[precision]
+        """The autocast dtype for a requested precision on ``device``, or ``None`` for the fp32
+        tensor modes: :func:`vqpipe.encode.precision.resolve` with this checkpoint's ``force_upcast``."""
+        return autocast_dtype(resolve_for(precision, device, self.config.force_upcast))
 
     def _check_image(self, x: torch.Tensor) -> None:
         if x.ndim != 4:

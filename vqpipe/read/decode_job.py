@@ -5,17 +5,19 @@ codes) with the same model, re-reads the same samples' originals from their sour
 preprocesses them exactly as the encode did, and reports PSNR plus metadata, schema, consistency
 and lineage checks. Every failing check names the offending data file(s) and key(s).
 
-The decode runs in this process, on its device (CUDA when visible, else the CPU); it does not go
-through Ray.
+The decoder pass runs in this process, on its device (CUDA when visible, else the CPU), unless the
+caller hands in a ``reconstruct`` that runs it elsewhere (``vqpipe decode`` on a cluster with GPUs:
+:func:`vqpipe.run.driver.gpu_reconstruct`); everything else here needs no GPU.
 """
 
 from __future__ import annotations
 
+import functools
 import html
 import io
 import json
 import posixpath
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import fsspec
@@ -62,10 +64,11 @@ class DecodeReport:
 
 
 def run_decode(config: RunConfig, num_samples: int = 64, seed: int = 0, out: str | None = None,
-               min_psnr: float | None = None, model=None) -> DecodeReport:
+               min_psnr: float | None = None, model=None, reconstruct: Callable | None = None) -> DecodeReport:
     """Decode ``num_samples`` seeded rows of ``config.output.path`` and check them; writes
     report.json, report.html, grid.png and one {key}.png per row to ``out``. ``model``: the
-    config's model, if the caller already loaded it."""
+    config's model, if the caller already loaded it. ``reconstruct(codes, latents, meta)``: the
+    decoder pass, when it should run elsewhere than here (default :func:`reconstruct_images` with ``model``)."""
     out = out or decode_dir(config.output.path)
     model = (model if model is not None else load_model(config.model)).to(pick_device())
     sampled = sample_rows(config.output.path, config.output.storage_options, num_samples, seed)
@@ -76,7 +79,7 @@ def run_decode(config: RunConfig, num_samples: int = 64, seed: int = 0, out: str
     report.checks.append(schema)
     sampled.table = sampled.table.filter(pa.array(fit))  # rows that cannot be decoded are named above
     codes, latents = _columns(sampled.table)
-    recon = _reconstruct(model, codes, latents, meta)
+    recon = (reconstruct or functools.partial(reconstruct_images, model))(codes, latents, meta)
     originals, errors = _originals(sampled.table, config)
     report.checks.append(_lineage_check(sampled, originals, errors))
     if codes is not None and latents is not None:
@@ -214,7 +217,7 @@ def _keys_with_codes_over(fs, path: str, group: int, codebook: int) -> tuple[lis
 
 
 @torch.inference_mode()
-def _reconstruct(model, codes: np.ndarray | None, latents: np.ndarray | None, meta: dict) -> np.ndarray:
+def reconstruct_images(model, codes: np.ndarray | None, latents: np.ndarray | None, meta: dict) -> np.ndarray:
     """(N, R, R, 3) uint8 images decoded from the codes, or from the latents when there are none."""
     device = next(model.parameters()).device
     n = len(codes) if codes is not None else len(latents)

@@ -2,7 +2,8 @@
 
 Shards committed and failed (with reasons), rows, failed samples by reason, bytes per sample;
 codebook usage (distinct codes, perplexity, top codes, dead codes); per-channel statistics of the
-stored scaled latents, and the ``scaling_factor`` that would give them unit variance. Codes and
+stored scaled latents, and the ``scaling_factor`` that would give them unit variance; the markers'
+fidelity audits across shards (min and median agreement with fp32, PSNR). Codes and
 latents are streamed one row group at a time: memory stays at one row group whatever the size.
 """
 
@@ -23,7 +24,8 @@ from vqpipe.output import retry
 from vqpipe.output.arrays import fixed_list_to_numpy
 from vqpipe.read.tokens import data_file_sizes, vqpipe_metadata
 from vqpipe.records import ShardErrorReason, sum_reasons
-from vqpipe.output.layout import FAILED_DIR, MARKER_DIR
+from vqpipe.output.layout import FAILED_DIR, MANIFEST, MARKER_DIR
+from vqpipe.encode.fidelity import DEFAULT_MIN_CODE_AGREEMENT, summarize, summary_lines
 
 TOP_CODES = 10
 JSON_BATCH = 256  # marker files fetched per request batch
@@ -82,6 +84,7 @@ class OutputStats:
     data_bytes: int
     codes: CodebookStats | None = None  # None when the output holds no codes column
     latents: LatentStats | None = None  # None when the output holds no latents column
+    fidelity: dict | None = None  # the markers' fidelity audits across shards (vqpipe.encode.fidelity)
 
     @property
     def bytes_per_sample(self) -> float | None:
@@ -110,10 +113,11 @@ def inspect_output(path: str, storage_options: dict | None = None) -> OutputStat
     """
     fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
     sizes = data_file_sizes(path, storage_options)
-    committed, by_reason = set(), []
+    committed, by_reason, audits = set(), [], []
     for stem, marker in json_records(fs, posixpath.join(root, MARKER_DIR)):
         committed.add(stem)
         by_reason.append(marker.get("failures_by_reason", {}))  # the per-sample list can be long: not kept
+        audits.append((stem, marker.get("audit")))
     failed = [failed_shard(stem, record) for stem, record in json_records(fs, posixpath.join(root, FAILED_DIR))]
     if not sizes and not committed and not failed:
         raise FileNotFoundError(f"{path}: no vqpipe output here (no Parquet files, no _vqpipe/ records)")
@@ -121,9 +125,21 @@ def inspect_output(path: str, storage_options: dict | None = None) -> OutputStat
     shards = ShardStats(committed=len(committed), failed=failed, data_files=len(sizes),
                         without_marker=len(stems - committed), failed_samples_by_reason=sum_reasons(by_reason))
     stats = OutputStats(path, shards, rows=0, data_bytes=sum(sizes.values()))
+    if committed:
+        stats.fidelity = summarize(audits, _min_code_agreement(fs, root))
     if sizes:
         _scan(fs, sorted(sizes), stats)
     return stats
+
+
+def _min_code_agreement(fs: fsspec.AbstractFileSystem, root: str) -> float:
+    """The floor the run was held to (its manifest's config), else the default."""
+    try:
+        manifest = json.loads(retry.call(lambda: fs.cat(posixpath.join(root, MANIFEST)), "read the run manifest"))
+    except FileNotFoundError:
+        manifest = {}
+    model = manifest.get("config", {}).get("model", {})
+    return float(model.get("min_code_agreement", DEFAULT_MIN_CODE_AGREEMENT))
 
 
 def json_records(fs: fsspec.AbstractFileSystem, folder: str) -> Iterator[tuple[str, dict]]:
@@ -284,6 +300,8 @@ def format_text(stats: OutputStats) -> str:
         lines += _code_lines(stats.codes)
     if stats.latents is not None:
         lines += _latent_lines(stats.latents)
+    if stats.fidelity is not None:
+        lines += summary_lines(stats.fidelity)
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from vqpipe import faults
 from vqpipe.config import RunConfig
 from vqpipe.encode.encoder import TokenEncoder
+from vqpipe.encode.fidelity import guard_verdict
 from vqpipe.model.loading import load_model, pick_device
 from vqpipe.output.folder import remove_json, write_json
 from vqpipe.output.layout import failure_record
@@ -46,8 +47,8 @@ class ShardWorker:
         model = load_model(config.model)
         device = pick_device()
         self.encoder = TokenEncoder.from_config(model, device, config)
-        precision = str(self.encoder.autocast_dtype or "fp32").replace("torch.", "")
-        self.job = make_settings(config.input, config.preprocess, config.output, model, precision)
+        self.job = make_settings(config.input, config.preprocess, config.output, model, self.encoder.precision,
+                                 config.model.audit_samples)
         workers = config.preprocess.decode_workers
         self.pool = ThreadPoolExecutor(config.ray.cpus_per_worker if workers == "auto" else workers,
                                        thread_name_prefix="vqpipe-decode")
@@ -57,6 +58,7 @@ class ShardWorker:
     def ready(self) -> dict:
         return {"node": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": str(self.encoder.device),
+                "precision": self.encoder.precision,
                 "batches": self.encoder.describe(self.resolution)}
 
     def process(self, url: str, stem: str) -> ShardResult:
@@ -219,8 +221,8 @@ class Driver:
         index = self.restarting.pop(ref)
         try:
             info = ray.get(ref)
-            log.info("worker %d ready on %s (device %s, GPU ids %s, %s)", index, info["node"], info["device"],
-                     info["gpu_ids"], info["batches"])
+            log.info("worker %d ready on %s (device %s, GPU ids %s, %s, %s)", index, info["node"], info["device"],
+                     info["gpu_ids"], info["precision"], info["batches"])
             self.idle.append(index)
         except RayActorError:
             # Still restarting (Ray answers ActorUnavailableError meanwhile): ask again shortly.
@@ -298,19 +300,28 @@ class Driver:
                 running[attempt.stem] += 1
 
     def _guard(self, result: ShardResult) -> None:
+        """Look at the first ``ray.guard_shards`` shards once they are in: a failure reason that
+        dominates them, or audits under ``model.min_code_agreement``, stop the run."""
         cfg = self.config.ray
-        if cfg.guard_fail_fraction <= 0 or len(self.guard_seen) >= cfg.guard_shards:
+        if len(self.guard_seen) >= cfg.guard_shards:
             return
         self.guard_seen.append(result)
         if len(self.guard_seen) < min(cfg.guard_shards, self.plan.total):
             return
+        self.outcome.aborted = (self._failure_verdict()
+                                or guard_verdict([r.audit for r in self.guard_seen],
+                                                 self.config.model.min_code_agreement))
+
+    def _failure_verdict(self) -> str | None:
+        cfg = self.config.ray
         reasons = sum_reasons(r.failures_by_reason for r in self.guard_seen)
         total = sum(r.rows for r in self.guard_seen) + sum(reasons.values())
-        if not reasons or not total:
-            return
+        if cfg.guard_fail_fraction <= 0 or not reasons or not total:
+            return None
         reason, count = next(iter(reasons.items()))  # most frequent first
         if count / total >= cfg.guard_fail_fraction:
-            self.outcome.aborted = guard_message(reason, count, total, len(self.guard_seen), self.config)
+            return guard_message(reason, count, total, len(self.guard_seen), self.config)
+        return None
 
 
 def guard_message(reason: str, count: int, total: int, shards: int, config: RunConfig) -> str:
@@ -329,6 +340,41 @@ def guard_message(reason: str, count: int, total: int, shards: int, config: RunC
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[-1] if text else ''}"[:500]
+
+
+class GpuReconstruct:
+    """``vqpipe decode``'s decoder pass as a Ray task holding one GPU of the cluster: the driver of
+    a cluster job usually runs on a CPU-only head node. The task loads the model on its worker."""
+
+    def __init__(self, config: RunConfig):
+        self.model = config.model
+        self.task = ray.remote(num_gpus=1)(_reconstruct_on_worker)
+        self.ran_on: dict | None = None  # node and GPU ids of the last call
+
+    def __call__(self, codes, latents, meta: dict):
+        images, self.ran_on = ray.get(self.task.remote(self.model, codes, latents, meta))
+        log.info("decoded %d images on %s (GPU ids %s)", len(images), self.ran_on["node"], self.ran_on["gpu_ids"])
+        return images
+
+
+def gpu_reconstruct(config: RunConfig) -> GpuReconstruct | None:
+    """A decoder pass on a GPU worker when the config names a cluster (``ray.address`` or
+    ``RAY_ADDRESS``) that has GPUs; None (decode here) otherwise: a local decode starts no Ray."""
+    if (config.ray.address or os.environ.get("RAY_ADDRESS")) is None:
+        return None
+    init_ray(config)
+    if ray.cluster_resources().get("GPU", 0.0) < 1:
+        return None
+    return GpuReconstruct(config)
+
+
+def _reconstruct_on_worker(model_config, codes, latents, meta: dict):
+    from vqpipe.read.decode_job import reconstruct_images
+
+    model = load_model(model_config).to(pick_device())
+    where = {"node": socket.gethostname(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+             "device": str(pick_device())}
+    return reconstruct_images(model, codes, latents, meta), where
 
 
 def run_on_ray(config: RunConfig, plan: Plan, progress: Progress) -> Outcome:

@@ -35,10 +35,11 @@ def execute(config: RunConfig, plan: Plan, job: ShardSettings, fingerprint: dict
         progress.update(outcome, force=True)
     wall = time.time() - started
     manifest.update(status="aborted" if outcome.aborted else ("failed" if outcome.failed else "complete"),
-                    ended_at=_iso(time.time()), totals=_totals(outcome, plan, wall, started))
+                    ended_at=_iso(time.time()),
+                    totals=_totals(outcome, plan, wall, started, config.model.min_code_agreement))
     write_json(config, MANIFEST, manifest)
     print(summary_table(outcome, skipped=len(plan.committed), wall_s=wall, output=config.output.path,
-                        startup_s=outcome.startup_s(started)))
+                        startup_s=outcome.startup_s(started), min_code_agreement=config.model.min_code_agreement))
     return outcome
 
 
@@ -52,17 +53,18 @@ def nothing_to_do(config: RunConfig, plan: Plan) -> str:
     return f"all {plan.total} shards already committed: nothing to do ({config.output.path})"
 
 
-def _totals(outcome: Outcome, plan: Plan, wall: float, started: float) -> dict:
+def _totals(outcome: Outcome, plan: Plan, wall: float, started: float, min_code_agreement: float) -> dict:
     reasons = outcome.failures_by_reason()
     rows = outcome.rows
     stages = {k: round(sum(getattr(r.times, k) for r in outcome.committed.values()), 3)
-              for k in ("read_s", "decode_s", "encode_s", "write_s", "wait_s")}
+              for k in ("read_s", "decode_s", "encode_s", "audit_s", "write_s", "wait_s")}
     return {
         "shards": plan.total, "shards_committed": len(outcome.committed), "shards_failed": len(outcome.failed),
         "shards_skipped": len(plan.committed), "samples_written": rows, "samples_failed_by_reason": reasons,
         "wall_s": round(wall, 3), "images_per_s": round(rows / wall, 2) if wall else None,
         "startup_s": _rounded(outcome.startup_s(started)), "steady_images_per_s_per_worker": _rounded(
             outcome.steady_rate()), "failed_shards": outcome.failed, "stage_times_s": stages,
+        "fidelity": outcome.fidelity(min_code_agreement), "precision_switches": outcome.precision_switches(),
     }
 
 

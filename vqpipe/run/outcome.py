@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
+from vqpipe.encode.fidelity import summarize
 from vqpipe.records import sum_reasons
 from vqpipe.run.shard_job import ShardResult
 
@@ -43,3 +44,11 @@ class Outcome:
         their model loads."""
         starts = [r.started_at for r in self.committed.values() if r.started_at]
         return max(0.0, min(starts) - run_started) if starts else None
+    def fidelity(self, min_code_agreement: float) -> dict:
+        """The committed shards' fidelity audits: min and median across shards, and the shards
+        under the floor (:func:`vqpipe.encode.fidelity.summarize`)."""
+        return summarize(((stem, r.audit) for stem, r in sorted(self.committed.items())), min_code_agreement)
+
+    def precision_switches(self) -> dict[str, list[dict]]:
+        """Shards during which a worker fell back to a safer precision, with the switches."""
+        return {stem: r.precision_switches for stem, r in sorted(self.committed.items()) if r.precision_switches}

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from vqpipe.encode.fidelity import summary_lines
+
 if TYPE_CHECKING:
     from vqpipe.run.outcome import Outcome
 
@@ -83,8 +85,8 @@ def status_text(outcome: "Outcome", elapsed_s: float) -> str:
     return " | ".join(parts)
 
 
-def summary_table(outcome: "Outcome", skipped: int, wall_s: float, output: str, startup_s: float | None = None
-                  ) -> str:
+def summary_table(outcome: "Outcome", skipped: int, wall_s: float, output: str, startup_s: float | None = None,
+                  min_code_agreement: float = 0.0) -> str:
     rows = outcome.rows
     reasons = outcome.failures_by_reason()
     steady = outcome.steady_rate()
@@ -103,6 +105,11 @@ def summary_table(outcome: "Outcome", skipped: int, wall_s: float, output: str, 
     ]
     width = max(len(k) for k, _ in lines)
     out = [f"{k.ljust(width)}  {v}" for k, v in lines]
+    if outcome.committed:
+        out += summary_lines(outcome.fidelity(min_code_agreement))
+    for stem, switches in outcome.precision_switches().items():
+        out.append(f"precision fallback in {stem}: " + "; ".join(
+            f"{s['from']} -> {s['to']} after {s['after_non_finite_batches']} NaN/Inf batches" for s in switches))
     for stem, error in sorted(outcome.failed.items()):
         out.append(f"FAILED {stem}: {error}")
     return "\n".join(out)

@@ -23,6 +23,7 @@ import numpy as np
 
 from vqpipe import __version__, faults
 from vqpipe.config import InputConfig, OutputConfig, PreprocessConfig
+from vqpipe.encode import audit as fidelity_audit
 from vqpipe.encode.encoder import TokenEncoder
 from vqpipe.input.images import preprocess
 from vqpipe.input.prefetch import PrefetchStats, ordered_parallel_map
@@ -44,6 +45,7 @@ class ShardSettings:
     output: OutputConfig
     layout: TokenLayout
     metadata: dict  # written as the Parquet key-value metadata `vqpipe`
+    audit_samples: int = 0  # images per shard re-encoded in fp32 by the fidelity audit
 
 
 @dataclass
@@ -51,6 +53,7 @@ class StageTimes:
     read_s: float = 0.0
     decode_s: float = 0.0  # summed over decode threads (CPU-seconds)
     encode_s: float = 0.0
+    audit_s: float = 0.0  # the fidelity audit: fp32 re-encode and decode of a few images
     write_s: float = 0.0
     wait_s: float = 0.0  # time the model sat waiting for a preprocessed batch
     total_s: float = 0.0
@@ -67,11 +70,14 @@ class ShardResult:
     amp_fallback_batches: int = 0
     failures_by_reason: dict[str, int] = field(default_factory=dict)
     worker: str = ""  # host:pid of the process that ran it: per-worker rates in the progress line
-    started_at: float = 0.0  # wall-clock time the shard began: the run's start-up ends at the first
+    started_at: float = 0.0  # wall-clock time the shard began: the run's start-up ends at the first one
+    audit: dict | None = None  # the marker's fidelity audit
+    precision: str = "fp32"  # the encoder's precision when the shard ended
+    precision_switches: list[dict] = field(default_factory=list)  # fallbacks made during this shard
 
 
-def make_settings(input: InputConfig, preprocess_cfg: PreprocessConfig, output: OutputConfig, model, precision: str
-             ) -> ShardSettings:
+def make_settings(input: InputConfig, preprocess_cfg: PreprocessConfig, output: OutputConfig, model, precision: str,
+                  audit_samples: int = 0) -> ShardSettings:
     """Derive the output layout and lineage metadata from the loaded model."""
     cfg = model.config
     r = preprocess_cfg.resolution
@@ -89,7 +95,7 @@ def make_settings(input: InputConfig, preprocess_cfg: PreprocessConfig, output: 
         "resolution": r, "value_range": list(preprocess_cfg.value_range), "precision": precision,
         "image_keys": list(input.image_keys), "latents": LATENTS_HOLD,
     }
-    return ShardSettings(input, preprocess_cfg, output, layout, metadata)
+    return ShardSettings(input, preprocess_cfg, output, layout, metadata, audit_samples)
 
 
 def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder, pool: Executor,
@@ -102,19 +108,26 @@ def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder
     started, started_at = time.perf_counter(), time.time()
     failures: list[Failure] = []
     times, stats = StageTimes(), PrefetchStats()
-    writer = ShardWriter(job.output.path, stem, job.layout, job.metadata, job.output.storage_options)
+    switches_before = len(encoder.switches)
+    # The file records the precision its batches ran in: a worker that fell back says so from then on.
+    metadata = {**job.metadata, "precision": encoder.precision}
+    writer = ShardWriter(job.output.path, stem, job.layout, metadata, job.output.storage_options)
+    sampler = fidelity_audit.AuditSampler(job.audit_samples if encoder.precision != "fp32" else 0, stem)
     rows = amp_fallbacks = 0
     try:
         samples = iter_samples(url, job.input.storage_options, on_failure=failures.append)
         work = functools.partial(_timed_preprocess, job.preprocess, job.input.image_keys)
         results = ordered_parallel_map(work, samples, pool, max_pending=2 * encoder.batch_size + 8, stats=stats)
         for n, batch in enumerate(_batches(_keep_good(results, failures, times), encoder.batch_size)):
-            written, amp_fallback = _encode_and_write(batch, url, encoder, writer, failures, times)
+            written, amp_fallback = _encode_and_write(batch, url, encoder, writer, failures, times, sampler)
             rows, amp_fallbacks = rows + written, amp_fallbacks + amp_fallback
             on_progress(rows)
             faults.after_batch(stem, n + 1)
         times.read_s, times.wait_s = stats.source_s, stats.wait_s
-        marker = _marker(url, stem, rows, failures, times, amp_fallbacks, str(encoder.device), started)
+        audit = _audit(job, encoder, sampler, times)
+        switches = encoder.switches[switches_before:]
+        marker = {**_marker(url, stem, rows, failures, times, amp_fallbacks, str(encoder.device), started),
+                  "precision": encoder.precision, "precision_switches": switches, "audit": audit}
         write_started = time.perf_counter()
         committed = writer.commit(marker).committed
         times.write_s += time.perf_counter() - write_started
@@ -122,8 +135,24 @@ def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder
         writer.abort()
         raise
     return ShardResult(url, stem, committed, rows, [f.to_dict() for f in failures], times, amp_fallbacks,
-                       failures_by_reason=_count_reasons(failures), worker=f"{socket.gethostname()}:{os.getpid()}",
+                       failures_by_reason=_count_reasons(failures), audit=audit, precision=encoder.precision,
+                       precision_switches=switches, worker=f"{socket.gethostname()}:{os.getpid()}",
                        started_at=started_at)
+
+
+def _audit(job: ShardSettings, encoder: TokenEncoder, sampler: fidelity_audit.AuditSampler,
+           times: StageTimes) -> dict:
+    """The shard's fidelity audit record (timed into ``times.audit_s``), or why there is none."""
+    if not job.audit_samples:
+        return fidelity_audit.skipped("model.audit_samples is 0", encoder.precision)
+    picked = sampler.samples()
+    if sampler.size == 0 or (picked and all(s.precision == "fp32" for s in picked)):
+        return fidelity_audit.skipped("precision is fp32: the codes are the model's own", "fp32")
+    started = time.perf_counter()
+    store_float16 = job.layout.write_latents and job.layout.latent_dtype == "float16"
+    record = fidelity_audit.run_audit(encoder, picked, store_float16)
+    times.audit_s = time.perf_counter() - started
+    return record
 
 
 def _timed_preprocess(cfg: PreprocessConfig, image_keys, sample: Sample) -> tuple[Preprocessed | Failure, float]:
@@ -155,7 +184,8 @@ def _batches(items: Iterable[Preprocessed], size: int) -> Iterator[list[Preproce
 
 
 def _encode_and_write(batch: list[Preprocessed], url: str, encoder: TokenEncoder, writer: ShardWriter,
-                      failures: list[Failure], times: StageTimes) -> tuple[int, bool]:
+                      failures: list[Failure], times: StageTimes,
+                      sampler: fidelity_audit.AuditSampler) -> tuple[int, bool]:
     started = time.perf_counter()
     encoded = encoder(np.stack([p.pixels for p in batch]))
     times.encode_s += time.perf_counter() - started
@@ -172,6 +202,8 @@ def _encode_and_write(batch: list[Preprocessed], url: str, encoder: TokenEncoder
         widths=[p.width for p in kept], heights=[p.height for p in kept],
     )
     times.write_s += time.perf_counter() - started
+    sampler.offer([p.key for p in kept], [p.pixels for p in kept], encoded.codes[keep], encoded.latents[keep],
+                  encoded.precision)
     return len(kept), encoded.amp_fallback
 
 
