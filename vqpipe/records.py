@@ -50,6 +50,19 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class Filtered:
+    """A sample left out on purpose by ``rule`` (a metadata key of ``input.filters``, or
+    ``max_aspect_ratio``): counted apart from failures, never a sign of a broken run."""
+
+    key: str
+    rule: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"key": self.key, "reason": "filtered", "rule": self.rule, "message": self.message}
+
+
+@dataclass(frozen=True)
 class Preprocessed:
     """A sample ready for the encoder.
 

@@ -13,7 +13,7 @@ import math
 import posixpath
 import typing
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import fsspec
 import numpy as np
@@ -46,6 +46,7 @@ class ShardStats:
     data_files: int
     without_marker: int  # data files whose marker is missing (a crash between publish and marker)
     failed_samples_by_reason: dict[str, int]  # summed over the commit markers
+    filtered_samples_by_rule: dict[str, int] = field(default_factory=dict)  # input.filters etc., not failures
 
     @property
     def failed_by_reason(self) -> dict[str, int]:
@@ -110,16 +111,18 @@ def inspect_output(path: str, storage_options: dict | None = None) -> OutputStat
     """
     fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
     sizes = data_file_sizes(path, storage_options)
-    committed, by_reason = set(), []
+    committed, by_reason, by_rule = set(), [], []
     for stem, marker in _json_records(fs, posixpath.join(root, MARKER_DIR)):
         committed.add(stem)
         by_reason.append(marker.get("failures_by_reason", {}))  # the per-sample list can be long: not kept
+        by_rule.append(marker.get("filtered_by_rule", {}))
     failed = [_failed_shard(stem, record) for stem, record in _json_records(fs, posixpath.join(root, FAILED_DIR))]
     if not sizes and not committed and not failed:
         raise FileNotFoundError(f"{path}: no vqpipe output here (no Parquet files, no _vqpipe/ records)")
     stems = {posixpath.basename(p)[: -len(".parquet")] for p in sizes}
     shards = ShardStats(committed=len(committed), failed=failed, data_files=len(sizes),
-                        without_marker=len(stems - committed), failed_samples_by_reason=_sum_counts(by_reason))
+                        without_marker=len(stems - committed), failed_samples_by_reason=_sum_counts(by_reason),
+                        filtered_samples_by_rule=_sum_counts(by_rule))
     stats = OutputStats(path, shards, rows=0, data_bytes=sum(sizes.values()))
     if sizes:
         _scan(fs, sorted(sizes), stats)
@@ -305,6 +308,9 @@ def _shard_lines(stats: OutputStats) -> list[str]:
         lines.append(f"  data files without a commit marker: {shards.without_marker}")
     lines.append(f"rows: {stats.rows}")
     lines.append(f"failed samples: {_pairs(shards.failed_samples_by_reason) or 'none'}")
+    if shards.filtered_samples_by_rule:
+        total = sum(shards.filtered_samples_by_rule.values())
+        lines.append(f"filtered samples: {total} ({_pairs(shards.filtered_samples_by_rule)})")
     per_sample = stats.bytes_per_sample
     lines.append(f"bytes per sample: {per_sample:,.1f} ({stats.data_bytes:,} bytes in {shards.data_files} files)"
                  if per_sample is not None else f"bytes per sample: - ({shards.data_files} files, no rows)")

@@ -30,3 +30,7 @@ class Outcome:
 
     def failures_by_reason(self) -> collections.Counter:
         return sum_reasons(r.failures_by_reason for r in self.committed.values())
+
+    def filtered_by_rule(self) -> collections.Counter:
+        """Samples left out by input.filters / max_aspect_ratio: not failures, never seen by the guard."""
+        return sum_reasons(r.filtered_by_rule for r in self.committed.values())

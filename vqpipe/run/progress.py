@@ -58,6 +58,7 @@ def summary_table(outcome: "Outcome", skipped: int, wall_s: float, output: str) 
         ("samples written", str(rows)),
         ("samples failed", str(sum(reasons.values()))),
         *((f"  {reason}", str(n)) for reason, n in reasons.most_common()),
+        *_filtered_lines(outcome.filtered_by_rule()),
         ("wall time", _duration(wall_s)),
         ("images/s", f"{rows / wall_s:.1f}" if wall_s > 0 else "-"),
         ("output", output),
@@ -67,6 +68,14 @@ def summary_table(outcome: "Outcome", skipped: int, wall_s: float, output: str) 
     for stem, error in sorted(outcome.failed.items()):
         out.append(f"FAILED {stem}: {error}")
     return "\n".join(out)
+
+
+def _filtered_lines(rules) -> list[tuple[str, str]]:
+    """``samples filtered`` and its rules (a rule is a metadata key or max_aspect_ratio); none if no filter hit."""
+    if not rules:
+        return []
+    return [("samples filtered", str(sum(rules.values()))),
+            *((f"  {rule}", str(n)) for rule, n in rules.most_common())]
 
 
 def _duration(seconds: float) -> str:

@@ -23,9 +23,10 @@ import numpy as np
 from vqpipe import __version__, faults
 from vqpipe.config import InputConfig, OutputConfig, PreprocessConfig
 from vqpipe.encode.encoder import TokenEncoder
+from vqpipe.input.filters import SampleFilter
 from vqpipe.input.images import preprocess
 from vqpipe.input.prefetch import PrefetchStats, ordered_parallel_map
-from vqpipe.records import Failure, Preprocessed, Sample
+from vqpipe.records import Failure, Filtered, Preprocessed, Sample
 from vqpipe.input.shards import iter_samples
 from vqpipe.output.sink import ShardWriter, TokenLayout
 
@@ -43,6 +44,7 @@ class ShardSettings:
     output: OutputConfig
     layout: TokenLayout
     metadata: dict  # written as the Parquet key-value metadata `vqpipe`
+    screen: SampleFilter = field(default_factory=SampleFilter)  # input.filters, max_aspect_ratio
 
 
 @dataclass
@@ -65,6 +67,7 @@ class ShardResult:
     times: StageTimes
     amp_fallback_batches: int = 0
     failures_by_reason: dict[str, int] = field(default_factory=dict)
+    filtered_by_rule: dict[str, int] = field(default_factory=dict)  # left out on purpose, not failures
 
 
 def make_settings(input: InputConfig, preprocess_cfg: PreprocessConfig, output: OutputConfig, model, precision: str
@@ -86,7 +89,7 @@ def make_settings(input: InputConfig, preprocess_cfg: PreprocessConfig, output: 
         "resolution": r, "value_range": list(preprocess_cfg.value_range), "precision": precision,
         "image_keys": list(input.image_keys), "latents": LATENTS_HOLD,
     }
-    return ShardSettings(input, preprocess_cfg, output, layout, metadata)
+    return ShardSettings(input, preprocess_cfg, output, layout, metadata, SampleFilter.from_config(input, preprocess_cfg))
 
 
 def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder, pool: Executor,
@@ -98,20 +101,21 @@ def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder
     """
     started = time.perf_counter()
     failures: list[Failure] = []
+    filtered: list[Filtered] = []
     times, stats = StageTimes(), PrefetchStats()
     writer = ShardWriter(job.output.path, stem, job.layout, job.metadata, job.output.storage_options)
     rows = amp_fallbacks = 0
     try:
         samples = iter_samples(url, job.input.storage_options, on_failure=failures.append)
-        work = functools.partial(_timed_preprocess, job.preprocess, job.input.image_keys)
+        work = functools.partial(_timed_preprocess, job)
         results = ordered_parallel_map(work, samples, pool, max_pending=2 * encoder.batch_size + 8, stats=stats)
-        for n, batch in enumerate(_batches(_keep_good(results, failures, times), encoder.batch_size)):
+        for n, batch in enumerate(_batches(_keep_good(results, failures, filtered, times), encoder.batch_size)):
             written, amp_fallback = _encode_and_write(batch, url, encoder, writer, failures, times)
             rows, amp_fallbacks = rows + written, amp_fallbacks + amp_fallback
             on_progress(rows)
             faults.after_batch(stem, n + 1)
         times.read_s, times.wait_s = stats.source_s, stats.wait_s
-        marker = _marker(url, stem, rows, failures, times, amp_fallbacks, str(encoder.device), started)
+        marker = _marker(url, stem, rows, failures, filtered, times, amp_fallbacks, str(encoder.device), started)
         write_started = time.perf_counter()
         committed = writer.commit(marker).committed
         times.write_s += time.perf_counter() - write_started
@@ -119,21 +123,26 @@ def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder
         writer.abort()
         raise
     return ShardResult(url, stem, committed, rows, [f.to_dict() for f in failures], times, amp_fallbacks,
-                       failures_by_reason=_count_reasons(failures))
+                       failures_by_reason=_count_reasons(failures), filtered_by_rule=_count_rules(filtered))
 
 
-def _timed_preprocess(cfg: PreprocessConfig, image_keys, sample: Sample) -> tuple[Preprocessed | Failure, float]:
+def _timed_preprocess(job: ShardSettings, sample: Sample) -> tuple[Preprocessed | Failure | Filtered, float]:
     started = time.perf_counter()
-    result = preprocess(sample, image_keys, cfg.resolution, cfg.min_size, max_pixels=cfg.max_pixels)
+    cfg = job.preprocess
+    # Filters first: a filtered sample costs a JSON parse and at most an image header, no decode.
+    result = job.screen(sample) or preprocess(sample, job.input.image_keys, cfg.resolution, cfg.min_size,
+                                              max_pixels=cfg.max_pixels)
     return result, time.perf_counter() - started
 
 
-def _keep_good(results: Iterable[tuple[Preprocessed | Failure, float]], failures: list[Failure],
-               times: StageTimes) -> Iterator[Preprocessed]:
+def _keep_good(results: Iterable[tuple[Preprocessed | Failure | Filtered, float]], failures: list[Failure],
+               filtered: list[Filtered], times: StageTimes) -> Iterator[Preprocessed]:
     for result, seconds in results:
         times.decode_s += seconds
         if isinstance(result, Failure):
             failures.append(result)
+        elif isinstance(result, Filtered):
+            filtered.append(result)
         else:
             yield result
 
@@ -170,12 +179,14 @@ def _encode_and_write(batch: list[Preprocessed], url: str, encoder: TokenEncoder
     return len(kept), encoded.amp_fallback
 
 
-def _marker(url: str, stem: str, rows: int, failures: list[Failure], times: StageTimes, amp_fallbacks: int,
-            device: str, started: float) -> dict:
+def _marker(url: str, stem: str, rows: int, failures: list[Failure], filtered: list[Filtered], times: StageTimes,
+            amp_fallbacks: int, device: str, started: float) -> dict:
     times.total_s = time.perf_counter() - started
     return {
         "source": url, "stem": stem, "rows": rows, "failed": len(failures),
         "failures": [f.to_dict() for f in failures], "failures_by_reason": _count_reasons(failures),
+        "filtered": len(filtered), "filtered_by_rule": _count_rules(filtered),
+        "filtered_samples": [f.to_dict() for f in filtered],
         "times": dataclasses.asdict(times), "amp_fallback_batches": amp_fallbacks,
         "host": socket.gethostname(), "device": device,
         # The worker process's peak so far, flat across shards when memory is (KiB on Linux, bytes on macOS).
@@ -186,3 +197,7 @@ def _marker(url: str, stem: str, rows: int, failures: list[Failure], times: Stag
 
 def _count_reasons(failures: list[Failure]) -> dict[str, int]:
     return dict(collections.Counter(f.reason for f in failures))
+
+
+def _count_rules(filtered: list[Filtered]) -> dict[str, int]:
+    return dict(collections.Counter(f.rule for f in filtered))
