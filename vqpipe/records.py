@@ -66,8 +66,9 @@ class Filtered:
 class Preprocessed:
     """A sample ready for the encoder.
 
-    pixels: (R, R, 3) uint8, RGB, resized and center-cropped.
+    pixels: (R, R, 3) uint8, RGB, resized and center-cropped; (V, R, R, 3) with several views.
     width, height: the original image size after EXIF orientation.
+    views: where each view was cut from (``vqpipe.input.views.ViewCrop``); None for the plain center crop.
     """
 
     key: str
@@ -76,6 +77,7 @@ class Preprocessed:
     height: int
     caption: str | None
     metadata: str | None
+    views: list | None = None
 
 
 class ShardError(Exception):

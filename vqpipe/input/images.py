@@ -15,6 +15,7 @@ import struct
 import warnings
 import zlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -25,6 +26,9 @@ from PIL import PngImagePlugin, TiffImagePlugin, WebPImagePlugin  # noqa: F401
 
 from vqpipe.config import IMAGE_KEYS
 from vqpipe.records import Failure, FailureReason, Preprocessed, Sample
+
+if TYPE_CHECKING:
+    from vqpipe.input.views import ViewRenderer as Render
 
 
 # Formats LAION-style shards actually carry (multi-picture JPEGs open through "JPEG" and
@@ -57,6 +61,7 @@ def preprocess(
     min_size: int = 0,
     draft: bool = True,
     max_pixels: int | None = None,
+    render: Render | None = None,
 ) -> Preprocessed | Failure:
     """Decode and resize the first present field of ``image_keys``.
 
@@ -66,7 +71,8 @@ def preprocess(
     the ``json`` field's text if it parses as JSON, else None (bad metadata never fails a
     sample -- the image is what we tokenize). ``max_pixels`` rejects larger images from their
     header, before any pixel is decoded (reason ``too_large``); Pillow's own bomb limit (~89 MP)
-    always applies.
+    always applies. ``render`` (:class:`vqpipe.input.views.ViewRenderer`) replaces the center crop
+    with several views of the one decoded image.
     """
     field = next((k for k in image_keys if k in sample.fields), None)
     if field is None:
@@ -75,13 +81,17 @@ def preprocess(
     if not data:
         return Failure(sample.key, "empty", f"field {field!r} is empty")
     try:
-        img, width, height, scale = _decode(data, resolution, min_size, draft, max_pixels)
+        img, width, height, scale = _decode(data, render.draft_size if render else resolution, min_size, draft,
+                                            max_pixels)
     except Rejected as e:
         return Failure(sample.key, e.reason, str(e))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return Failure(sample.key, "too_large", str(e))
     except _DECODE_ERRORS as e:
         return Failure(sample.key, "decode_error", f"{type(e).__name__}: {e}")
+    if render is not None:
+        pixels, crops = render(img, (width, height), scale)
+        return Preprocessed(sample.key, pixels, width, height, _caption(sample), _metadata(sample), crops)
     pixels = resize_center_crop(img, resolution, (width, height), scale)
     return Preprocessed(sample.key, pixels, width, height, _caption(sample), _metadata(sample))
 

@@ -23,9 +23,12 @@ import numpy as np
 from vqpipe import __version__, faults
 from vqpipe.config import InputConfig, OutputConfig, PreprocessConfig
 from vqpipe.encode.encoder import TokenEncoder
+from vqpipe.encode.views import encode_views
 from vqpipe.input.filters import SampleFilter
 from vqpipe.input.images import preprocess
 from vqpipe.input.prefetch import PrefetchStats, ordered_parallel_map
+from vqpipe.input.views import ViewRenderer, view_names
+from vqpipe.output.conditioning import conditioning_columns
 from vqpipe.records import Failure, Filtered, Preprocessed, Sample
 from vqpipe.input.shards import iter_samples
 from vqpipe.output.sink import ShardWriter, TokenLayout
@@ -45,6 +48,7 @@ class ShardSettings:
     layout: TokenLayout
     metadata: dict  # written as the Parquet key-value metadata `vqpipe`
     screen: SampleFilter = field(default_factory=SampleFilter)  # input.filters, max_aspect_ratio
+    render: ViewRenderer | None = None  # preprocess.views other than the plain [center]
 
 
 @dataclass
@@ -76,10 +80,12 @@ def make_settings(input: InputConfig, preprocess_cfg: PreprocessConfig, output: 
     cfg = model.config
     r = preprocess_cfg.resolution
     h = w = r // cfg.downsample_factor
+    views = view_names(preprocess_cfg.views)
+    axis = (len(views),) if len(views) > 1 else ()  # one view: exactly the single-view layout
     layout = TokenLayout(
-        codes_shape=(h, w), latent_shape=(cfg.embed_dim, h, w), codebook_size=cfg.num_vq_embeddings,
+        codes_shape=(*axis, h, w), latent_shape=(*axis, cfg.embed_dim, h, w), codebook_size=cfg.num_vq_embeddings,
         write_codes=output.codes, write_latents=output.latents, latent_dtype=output.latent_dtype,
-        compression=output.compression,
+        compression=output.compression, views=len(views),
     )
     metadata = {
         "format_version": FORMAT_VERSION, "vqpipe_version": __version__,
@@ -88,8 +94,13 @@ def make_settings(input: InputConfig, preprocess_cfg: PreprocessConfig, output: 
         "codes_shape": [h, w], "latent_shape": [cfg.embed_dim, h, w], "latent_dtype": output.latent_dtype,
         "resolution": r, "value_range": list(preprocess_cfg.value_range), "precision": precision,
         "image_keys": list(input.image_keys), "latents": LATENTS_HOLD,
+        # codes_shape / latent_shape are per view; with V > 1 views the columns lead with a V axis
+        "views": views, "view_kinds": list(preprocess_cfg.views), "crop_range": preprocess_cfg.crop_range,
     }
-    return ShardSettings(input, preprocess_cfg, output, layout, metadata, SampleFilter.from_config(input, preprocess_cfg))
+    render = None if tuple(preprocess_cfg.views) == ("center",) else ViewRenderer(
+        tuple(preprocess_cfg.views), r, preprocess_cfg.crop_range)
+    return ShardSettings(input, preprocess_cfg, output, layout, metadata, SampleFilter.from_config(input, preprocess_cfg),
+                         render)
 
 
 def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder, pool: Executor,
@@ -131,7 +142,7 @@ def _timed_preprocess(job: ShardSettings, sample: Sample) -> tuple[Preprocessed 
     cfg = job.preprocess
     # Filters first: a filtered sample costs a JSON parse and at most an image header, no decode.
     result = job.screen(sample) or preprocess(sample, job.input.image_keys, cfg.resolution, cfg.min_size,
-                                              max_pixels=cfg.max_pixels)
+                                              max_pixels=cfg.max_pixels, render=job.render)
     return result, time.perf_counter() - started
 
 
@@ -161,7 +172,8 @@ def _batches(items: Iterable[Preprocessed], size: int) -> Iterator[list[Preproce
 def _encode_and_write(batch: list[Preprocessed], url: str, encoder: TokenEncoder, writer: ShardWriter,
                       failures: list[Failure], times: StageTimes) -> tuple[int, bool]:
     started = time.perf_counter()
-    encoded = encoder(np.stack([p.pixels for p in batch]))
+    pixels = np.stack([p.pixels for p in batch])  # (B, R, R, 3), or (B, V, R, R, 3) with views
+    encoded = encode_views(encoder, pixels if writer.layout.views > 1 or pixels.ndim == 4 else pixels[:, 0])
     times.encode_s += time.perf_counter() - started
     keep = np.flatnonzero(encoded.finite)
     for i in np.flatnonzero(~encoded.finite):
@@ -174,6 +186,7 @@ def _encode_and_write(batch: list[Preprocessed], url: str, encoder: TokenEncoder
         latents=encoded.latents[keep] if writer.layout.write_latents else None,
         captions=[p.caption for p in kept], metadatas=[p.metadata for p in kept],
         widths=[p.width for p in kept], heights=[p.height for p in kept],
+        conditioning=conditioning_columns([p.views for p in kept]) if writer.layout.views > 1 else None,
     )
     times.write_s += time.perf_counter() - started
     return len(kept), encoded.amp_fallback
