@@ -265,3 +265,33 @@ def test_views_metadata_is_json(multiview):
     out, _ = multiview
     raw = pq.read_schema(next(out.glob("*.parquet"))).metadata[b"vqpipe"]
     assert json.loads(raw)["view_kinds"] == list(ALL)
+
+
+def test_decode_shows_and_checks_every_view_of_a_sampled_row(multiview, tiny_model_path, tmp_path):
+    from vqpipe.read import decode_job
+
+    out, sizes = multiview
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "input": {"urls": str(out.parent / "views.tar")}, "model": {"path": tiny_model_path},
+        "output": {"path": str(out)}, "preprocess": {"resolution": R, "views": list(ALL)}}))
+    report = decode_job.run_decode(load_config(config_path), num_samples=2, seed=0, out=str(tmp_path / "report"))
+    names = view_names(ALL)
+    keys = [s["key"] for s in report.samples]
+    assert len(keys) == 2 * len(names) and {k.split("#")[1] for k in keys} == set(names)
+    checks = {c.name: c for c in report.checks}
+    assert checks["lineage"].ok and checks["schema"].ok, report.checks
+    assert all(s["psnr"] is not None for s in report.samples)
+    grid = Image.open(tmp_path / "report" / "grid.png")
+    assert grid.height >= (2 * len(names) // 4) * R  # one original | reconstruction pair per view
+
+
+def test_inspect_reports_the_views(multiview):
+    from vqpipe.read.inspect import format_text, inspect_output
+
+    out, sizes = multiview
+    stats = inspect_output(str(out))
+    assert stats.views == view_names(ALL) and stats.rows == len(sizes)
+    assert stats.latents.shape == [4, R // 2, R // 2]
+    assert "views: 12 per row (center, hflip, ten_crop.top_left" in format_text(stats)
+    assert stats.to_dict()["views"][0] == "center"

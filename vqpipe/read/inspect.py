@@ -83,6 +83,7 @@ class OutputStats:
     data_bytes: int
     codes: CodebookStats | None = None  # None when the output holds no codes column
     latents: LatentStats | None = None  # None when the output holds no latents column
+    views: list[str] = field(default_factory=lambda: ["center"])  # per sample, in order (preprocess.views)
 
     @property
     def bytes_per_sample(self) -> float | None:
@@ -179,6 +180,7 @@ def _scan(fs: fsspec.AbstractFileSystem, files: list[str], stats: OutputStats) -
     with fs.open(files[0], "rb") as handle:
         schema = pq.read_schema(handle)
     meta = vqpipe_metadata(schema, files[0])
+    stats.views = list(meta.get("views", ["center"]))
     codes = CodeCounter(meta["num_vq_embeddings"]) if "codes" in schema.names else None
     latents = ChannelMoments(meta["latent_shape"][0]) if "latents" in schema.names else None
     columns = [c for c, acc in (("codes", codes), ("latents", latents)) if acc is not None]
@@ -191,7 +193,8 @@ def _scan(fs: fsspec.AbstractFileSystem, files: list[str], stats: OutputStats) -
                 if codes is not None:
                     codes.add(fixed_list_to_numpy(table.column("codes")))
                 if latents is not None:
-                    latents.add(fixed_list_to_numpy(table.column("latents")))
+                    # views are more rows to the statistics: (N, V, C, h, w) -> (N * V, C, h, w)
+                    latents.add(fixed_list_to_numpy(table.column("latents")).reshape(-1, *meta["latent_shape"]))
     stats.codes = codes.result() if codes is not None else None
     if latents is not None:
         stats.latents = latents.result(meta["latent_shape"], meta["latent_dtype"], meta["scaling_factor"])
@@ -307,6 +310,8 @@ def _shard_lines(stats: OutputStats) -> list[str]:
     if shards.without_marker:
         lines.append(f"  data files without a commit marker: {shards.without_marker}")
     lines.append(f"rows: {stats.rows}")
+    if len(stats.views) > 1 or stats.views != ["center"]:
+        lines.append(f"views: {len(stats.views)} per row ({', '.join(stats.views)})")
     lines.append(f"failed samples: {_pairs(shards.failed_samples_by_reason) or 'none'}")
     if shards.filtered_samples_by_rule:
         total = sum(shards.filtered_samples_by_rule.values())
