@@ -116,9 +116,9 @@ def test_counts_by_rule_and_no_decode_for_filtered_samples(tmp_path, tiny_model_
     kept, by_rule = _expected(missing)
     marker = read_marker(str(tmp_path / "out"), "laion", {})
     assert result.filtered_by_rule == marker["filtered_by_rule"] == by_rule
-    assert marker["filtered"] == sum(by_rule.values()) == len(marker["filtered_samples"])
-    assert {f["reason"] for f in marker["filtered_samples"]} == {"filtered"}
-    assert any("4.2 is below min 5" in f["message"] for f in marker["filtered_samples"])
+    assert marker["filtered"] == sum(by_rule.values()) == len(marker["filtered_examples"])  # <= 5 per rule here
+    assert {f["reason"] for f in marker["filtered_examples"]} == {"filtered"}
+    assert any(f["rule"] == "aesthetic" and "4.2 is below min 5" in f["message"] for f in marker["filtered_examples"])
     # the broken image is the only failure, and filtered samples are not failures
     assert result.failures_by_reason == marker["failures_by_reason"] == {"decode_error": 1}
     assert result.rows == marker["rows"] == len(kept)
@@ -207,3 +207,15 @@ def test_a_mostly_filtered_run_never_trips_the_guard(tmp_path, tiny_model_path, 
     assert stats.shards.filtered_samples_by_rule == twice
     assert stats.shards.failed_samples_by_reason == {"decode_error": 2}
     assert f"filtered samples: {sum(twice.values())} (" in format_text(stats)
+
+
+def test_marker_names_a_few_filtered_samples_per_rule_and_counts_all(tmp_path, tiny_model_path, pool):
+    ugly = json.dumps({**CASES["a-ok"][0], "aesthetic": 1.0}).encode()
+    jpeg = sf.jpeg_bytes(sf.photo("chelsea", (64, 64)))
+    members = [m for i in range(12) for m in ((f"{i:03d}.jpg", jpeg), (f"{i:03d}.json", ugly))]
+    shard = sf.write_tar(tmp_path / "ugly.tar", members)
+    encoder, job = _job(tiny_model_path, tmp_path / "out", "keep")
+    process_shard(str(shard), "ugly", job, encoder, pool)
+    marker = read_marker(str(tmp_path / "out"), "ugly", {})
+    assert marker["filtered"] == 12 and marker["filtered_by_rule"] == {"aesthetic": 12}
+    assert [f["key"] for f in marker["filtered_examples"]] == [f"{i:03d}" for i in range(shard_job.FILTERED_EXAMPLES)]

@@ -34,6 +34,7 @@ from vqpipe.input.shards import iter_samples
 from vqpipe.output.sink import ShardWriter, TokenLayout
 
 FORMAT_VERSION = 1
+FILTERED_EXAMPLES = 5  # filtered samples named per rule in a shard's marker (all are counted)
 LATENTS_HOLD = ("pre-quantization h = quant_conv(encoder(x)), multiplied by scaling_factor; "
                 "quantize.codes(latents / scaling_factor) gives the codes")
 
@@ -199,7 +200,7 @@ def _marker(url: str, stem: str, rows: int, failures: list[Failure], filtered: l
         "source": url, "stem": stem, "rows": rows, "failed": len(failures),
         "failures": [f.to_dict() for f in failures], "failures_by_reason": _count_reasons(failures),
         "filtered": len(filtered), "filtered_by_rule": _count_rules(filtered),
-        "filtered_samples": [f.to_dict() for f in filtered],
+        "filtered_examples": _examples(filtered),
         "times": dataclasses.asdict(times), "amp_fallback_batches": amp_fallbacks,
         "host": socket.gethostname(), "device": device,
         # The worker process's peak so far, flat across shards when memory is (KiB on Linux, bytes on macOS).
@@ -214,3 +215,15 @@ def _count_reasons(failures: list[Failure]) -> dict[str, int]:
 
 def _count_rules(filtered: list[Filtered]) -> dict[str, int]:
     return dict(collections.Counter(f.rule for f in filtered))
+
+
+def _examples(filtered: list[Filtered]) -> list[dict]:
+    """The first few filtered samples of each rule. Not all: a filter may drop most of a LAION shard,
+    and `vqpipe inspect` reads every marker."""
+    seen: collections.Counter = collections.Counter()
+    kept = []
+    for f in filtered:
+        seen[f.rule] += 1
+        if seen[f.rule] <= FILTERED_EXAMPLES:
+            kept.append(f.to_dict())
+    return kept
