@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from vqpipe.config import ViewKind
+from vqpipe.config import PreprocessConfig, ViewKind
 from vqpipe.input.images import resize_center_crop
 
 Box = tuple[float, float, float, float]
@@ -108,6 +108,11 @@ class ViewRenderer:
     kinds: tuple[ViewKind, ...]
     resolution: int
     crop_range: float
+
+    @classmethod
+    def for_config(cls, cfg: PreprocessConfig) -> "ViewRenderer | None":
+        """The renderer for ``preprocess.views``; None for the plain ``[center]`` (today's path)."""
+        return None if tuple(cfg.views) == ("center",) else cls(tuple(cfg.views), cfg.resolution, cfg.crop_range)
 
     @property
     def draft_size(self) -> int:

@@ -31,7 +31,8 @@ from vqpipe.config import RunConfig
 from vqpipe.model.loading import load_model, pick_device
 from vqpipe.input.images import preprocess
 from vqpipe.read.tokens import Sampled, sample_rows
-from vqpipe.read.views import per_view_originals, per_view_rows, renderer
+from vqpipe.input.views import ViewRenderer
+from vqpipe.read.views import per_view_originals, per_view_rows
 from vqpipe.records import Preprocessed, ShardError
 from vqpipe.input.shards import iter_samples
 
@@ -283,7 +284,7 @@ def _find(source: str, keys: set[str], config: RunConfig) -> dict[str, Preproces
         if sample.key in keys:
             result = preprocess(sample, config.input.image_keys, config.preprocess.resolution,
                                 config.preprocess.min_size, max_pixels=config.preprocess.max_pixels,
-                                render=renderer(config))
+                                render=ViewRenderer.for_config(config.preprocess))
             if isinstance(result, Preprocessed):
                 found[sample.key] = result
             if len(found) == len(keys):

@@ -9,8 +9,6 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from vqpipe.config import RunConfig
-from vqpipe.input.views import ViewRenderer
 from vqpipe.records import Preprocessed
 
 # The columns that lead with the view axis (codes, latents and the conditioning).
@@ -39,8 +37,3 @@ def per_view_originals(originals: dict[str, Preprocessed], views: Sequence[str])
     return {view_key(key, name): dataclasses.replace(p, pixels=p.pixels[v])
             for key, p in originals.items() for v, name in enumerate(views)}
 
-
-def renderer(config: RunConfig) -> ViewRenderer | None:
-    """The render hook the run used (None for the plain center crop)."""
-    cfg = config.preprocess
-    return None if tuple(cfg.views) == ("center",) else ViewRenderer(tuple(cfg.views), cfg.resolution, cfg.crop_range)
