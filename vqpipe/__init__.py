@@ -14,8 +14,9 @@ ARCHITECTURE — data flows one way; each stage is a folder, each arrow a module
 
 Reading back (``read/``): ``tokens`` (Arrow / NumPy), ``dataset`` (a PyTorch ``IterableDataset``),
 ``inspect`` (``vqpipe inspect``), ``decode_job`` (``vqpipe decode``: tokens back to images, with
-checks; ``views`` lays a multi-view output out one view per row for it). The model lives in ``model/`` (``loading`` resolves ``demo`` and ``hf://`` paths);
-``bench/`` measures one worker (``vqpipe bench``).
+checks; ``views`` lays a multi-view output out one view per row for it). The model lives in
+``model/`` (``loading`` resolves ``demo`` and ``hf://`` paths); ``bench/`` measures one worker
+(``vqpipe bench``).
 """
 
 from __future__ import annotations

@@ -98,8 +98,8 @@ def make_settings(input: InputConfig, preprocess_cfg: PreprocessConfig, output: 
         # codes_shape / latent_shape are per view; with V > 1 views the columns lead with a V axis
         "views": views, "view_kinds": list(preprocess_cfg.views), "crop_range": preprocess_cfg.crop_range,
     }
-    return ShardSettings(input, preprocess_cfg, output, layout, metadata, SampleFilter.from_config(input, preprocess_cfg),
-                         ViewRenderer.for_config(preprocess_cfg))
+    return ShardSettings(input, preprocess_cfg, output, layout, metadata,
+                         SampleFilter.from_config(input, preprocess_cfg), ViewRenderer.for_config(preprocess_cfg))
 
 
 def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder, pool: Executor,
