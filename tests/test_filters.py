@@ -219,3 +219,22 @@ def test_marker_names_a_few_filtered_samples_per_rule_and_counts_all(tmp_path, t
     marker = read_marker(str(tmp_path / "out"), "ugly", {})
     assert marker["filtered"] == 12 and marker["filtered_by_rule"] == {"aesthetic": 12}
     assert [f["key"] for f in marker["filtered_examples"]] == [f"{i:03d}" for i in range(shard_job.FILTERED_EXAMPLES)]
+
+
+def test_progress_and_summary_count_filtered_apart_from_bad_samples(caplog):
+    import io
+    import logging
+
+    from vqpipe.run.outcome import Outcome
+    from vqpipe.run.progress import Progress, summary_table
+    from vqpipe.run.shard_job import ShardResult, StageTimes
+
+    result = ShardResult("u", "s", True, rows=3, failures=[], times=StageTimes(),
+                         failures_by_reason={"decode_error": 1}, filtered_by_rule={"aesthetic": 4, "punsafe": 2})
+    outcome = Outcome(committed={"s": result})
+    with caplog.at_level(logging.INFO, logger="vqpipe.run.progress"):
+        Progress(total=1, already=0, stream=io.StringIO()).update(outcome, force=True)
+    assert "| 1 bad samples | 6 filtered |" in caplog.text
+    table = summary_table(outcome, skipped=0, wall_s=1.0, output="out")
+    assert re.search(r"samples failed\s+1\n\s+decode_error\s+1\n", table)
+    assert re.search(r"samples filtered\s+6\n\s+aesthetic\s+4\n\s+punsafe\s+2\n", table)

@@ -35,8 +35,10 @@ class Progress:
         rate = rows / elapsed
         todo = self.total - self.already
         eta = (todo - done - len(outcome.failed)) * elapsed / done if done else float("nan")
+        filtered = sum(outcome.filtered_by_rule().values())
         text = (f"shards {self.already + done}/{self.total} ({len(outcome.failed)} failed) | {rows} images "
-                f"{rate:.1f} img/s | {failed_samples} bad samples | ETA {_duration(eta)}")
+                f"{rate:.1f} img/s | {failed_samples} bad samples" + (f" | {filtered} filtered" if filtered else "")
+                + f" | ETA {_duration(eta)}")
         if self.tty:
             self.stream.write("\r" + text.ljust(100))
             self.stream.flush()
