@@ -48,7 +48,7 @@ class ViewCrop:
 
 def view_names(kinds: Sequence[ViewKind]) -> list[str]:
     """The names of the views ``kinds`` make, in order (what the file metadata lists)."""
-    return [crop.name for crop in view_crops(kinds, 2, 1, 8, 1.0)]
+    return [crop.name for crop in view_crops(kinds, 2, 1, 8, 1.0)]  # names never depend on the geometry
 
 
 def view_crops(kinds: Sequence[ViewKind], width: int, height: int, resolution: int,
