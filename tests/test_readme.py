@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from runfiles import make_shards, write_config
+from vqpipe import cli
 
 README = REPO / "README.md"
 ROWS = 14  # the demo's good samples: 4 shards of 5 and 4 samples, minus 4 damaged and 4 without an image
@@ -23,8 +25,12 @@ def section(title: str) -> str:
     return body[: body.index("\n## ", 1)]
 
 
-def reading_snippets() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", section("### Reading the tokens"), flags=re.S)
+def reading_snippets(heading: str = "### Reading the tokens") -> list[str]:
+    text = README.read_text()
+    section = text[text.index(heading) + len(heading):]
+    ends = [i for i in (section.find("\n## "), section.find("\n### ")) if i >= 0]
+    section = section[: min(ends)]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
 def quick_start_blocks(language: str) -> list[str]:
@@ -173,3 +179,50 @@ def test_snippet_runs_and_keeps_its_comments_promises(index, demo_run, monkeypat
         value = namespace[variable] if item is None else namespace[variable][item]
         assert tuple(value.shape) == shape, (variable, item, tuple(value.shape), shape)
         assert str(value.dtype).removeprefix("torch.") == dtype, (variable, item, value.dtype, dtype)
+
+
+VIEWS = ["center", "hflip"]
+
+
+@pytest.fixture(scope="module")
+def views_output(tmp_path_factory, tiny_model_path, ray_cluster):
+    tmp = tmp_path_factory.mktemp("readme-views")
+    make_shards(tmp / "in", 2, per_shard=4)
+    out = tmp / "out"
+    config = write_config(tmp, tiny_model_path, str(tmp / "in" / "shard-*.tar"), out, preprocess={"views": VIEWS})
+    assert cli.main(["run", str(config)]) == 0
+    return out
+
+
+def test_readme_reads_views_with_every_reader():
+    snippets = "\n".join(reading_snippets("### Reading views"))
+    for reader in ("pyarrow", "pandas", "polars", "duckdb", "load_dataset", "TokenDataset", "conditioning"):
+        assert reader in snippets
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_views_snippet_runs_with_the_view_axis(index, views_output, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    code = reading_snippets("### Reading views")[index].replace("out/views", str(views_output))
+    namespace: dict = {}
+    exec(compile(code, f"README views snippet {index}", "exec"), namespace)
+    n, v, h = 8, len(VIEWS), 16
+    checks = {
+        "codes": lambda x: x.shape == (n, v, h, h),
+        "latents": lambda x: x.shape == (n, v, 4, h, h),
+        "mirror_codes": lambda x: x.shape == (n, h, h),
+        "views": lambda x: x == VIEWS,
+        "df": lambda x: len(x) == n and len(x["codes"].iloc[0]) == v and len(x["crop_box"].iloc[0]) == v,
+        "frame": lambda x: x.height == n and x.schema["codes"].shape == (v, h, h),
+        "views_per_row": lambda x: x == v,
+        "dataset": lambda x: len(x) == n and len(x[0]["codes"]) == v and len(x[0]["codes"][0]) == h,
+        "batch": lambda x: tuple(x["codes"].shape) == (4, h, h),
+        "every": lambda x: tuple(x["codes"].shape) == (4, v, h, h) and tuple(x["latents"].shape) == (4, v, 4, h, h),
+        "conditioning": lambda x: x.shape == (n, v, 6) and (x[..., 4:] == 32).all() and (x[..., 2:4] >= 0).all(),
+    }
+    found = [name for name in checks if name in namespace]
+    assert found, f"snippet {index} defines none of {list(checks)}"
+    for name in found:
+        assert checks[name](namespace[name]), f"views snippet {index}: {name} has the wrong shape or count"

@@ -2,9 +2,10 @@
 
 ARCHITECTURE — data flows one way; each stage is a folder, each arrow a module in it:
 
-    shard URL --input/urls--> tar members --input/shards--> samples --input/images--> pixels
-      --input/prefetch--> batches --encode/encoder (VQModel.tokenize)--> codes + scaled latents
-      --output/sink--> {stem}.parquet + commit marker (names: output/layout)
+    shard URL --input/urls--> tar members --input/shards--> samples --input/filters--> kept samples
+      --input/images (+ input/views)--> pixels --input/prefetch--> batches
+      --encode/encoder (VQModel.tokenize; encode/views for several per image)--> codes + scaled latents
+      --output/sink (+ output/conditioning)--> {stem}.parquet + commit marker (names: output/layout)
 
 ``run/shard_job.process_shard`` runs that chain for one shard with no Ray in it; ``run/driver``
 (the only Ray module) hands shard URLs from a queue to GPU-pinned actors that each hold one model;
@@ -17,8 +18,9 @@ how far its codes are from the model's exact ones.
 
 Reading back (``read/``): ``tokens`` (Arrow / NumPy), ``dataset`` (a PyTorch ``IterableDataset``),
 ``inspect`` (``vqpipe inspect``), ``decode_job`` (``vqpipe decode``: tokens back to images, with
-checks). The model lives in ``model/`` (``loading`` resolves ``demo`` and ``hf://`` paths);
-``bench/`` measures one worker (``vqpipe bench``).
+checks; ``views`` lays a multi-view output out one view per row for it). The model lives in
+``model/`` (``loading`` resolves ``demo`` and ``hf://`` paths); ``bench/`` measures one worker
+(``vqpipe bench``).
 
 Sharing and other engines: ``publish/`` (``vqpipe publish``: a finished output and its dataset
 ``card`` to the Hugging Face Hub); ``ray_data`` (the same tokenizer as a Ray Data ``map_batches``

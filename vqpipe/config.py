@@ -25,15 +25,40 @@ class ConfigError(ValueError):
     """A config problem; the message names the key (``model.batch_size``) or the file."""
 
 
-def _f(default: Any = dataclasses.MISSING, doc: str = "", **kw) -> Any:
+def _f(default: Any = dataclasses.MISSING, doc: str = "", yaml_key: str | None = None, **kw) -> Any:
+    # yaml_key: the name in YAML when it cannot be a Python name (``in``).
+    metadata = {"doc": doc, "yaml_key": yaml_key}
     if isinstance(default, (dict, list)):
         value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"doc": doc}, **kw)
-    return field(default=default, metadata={"doc": doc}, **kw)
+        return field(default_factory=lambda: type(value)(value), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+def _yaml_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("yaml_key") or f.name
 
 
 # Member extensions tried, in order, for a sample's image (img2dataset writes jpg).
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+# What preprocess.views may list (vqpipe/input/views.py builds them).
+ViewKind = Literal["center", "hflip", "ten_crop"]
+
+
+@dataclass(frozen=True)
+class FilterRule:
+    """One key of ``input.filters``: the sample's JSON value must pass every bound given."""
+
+    min: Union[float, None] = _f(None, doc="keep values >= min")
+    max: Union[float, None] = _f(None, doc="keep values <= max")
+    allowed: Union[tuple[Union[str, int, float, bool], ...], None] = _f(
+        None, doc="keep values in this list (strings, numbers, booleans)", yaml_key="in")
+
+    def to_dict(self) -> dict:
+        """The YAML form (``in``, not ``allowed``), bounds left unset omitted."""
+        given = {"min": self.min, "max": self.max, "in": list(self.allowed) if self.allowed is not None else None}
+        return {k: v for k, v in given.items() if v is not None}
+
 
 @dataclass(frozen=True)
 class InputConfig:
@@ -41,6 +66,11 @@ class InputConfig:
     storage_options: dict = _f({}, doc="fsspec options for reading shards (endpoint_url, key, secret, ...)")
     image_keys: tuple[str, ...] = _f(IMAGE_KEYS,
                                      doc="member extensions that hold the image, in priority order")
+    filters: dict[str, FilterRule] = _f(
+        {}, doc="keep only samples whose json metadata passes, before any image decode, e.g. "
+                "{aesthetic: {min: 5.0}, punsafe: {max: 0.5}, status: {in: [success]}}; others count as filtered")
+    filter_missing: Literal["keep", "drop"] = _f(
+        "keep", doc="a sample whose json lacks a filtered key (or has null there, or no json): keep or drop it")
 
 
 @dataclass(frozen=True)
@@ -50,6 +80,15 @@ class PreprocessConfig:
     max_pixels: Union[int, None] = _f(
         None, doc="skip images with more pixels, read from the header before decoding (reason too_large); "
                   "unset = Pillow's bomb limit only (~89 MP)")
+    max_aspect_ratio: Union[float, None] = _f(
+        None, doc="skip images whose longer side is more than this many times the shorter, read from the "
+                  "header before decoding (counted as filtered); unset = no limit")
+    views: tuple[ViewKind, ...] = _f(
+        ("center",), doc="views encoded per image, in order, from one decode: center (the square crop), hflip "
+                         "(its mirror image), ten_crop (LlamaGen's four corners + center of the image resized to "
+                         "crop_range * resolution, then mirrored: 10 views)")
+    crop_range: float = _f(1.1, doc="ten_crop: the shorter side is resized to crop_range * resolution "
+                                    "(LlamaGen uses 1.1, or 1.05)")
     value_range: tuple[float, float] = _f((-1.0, 1.0), doc="pixel range the model expects: [-1, 1] or [0, 1]")
     fast_jpeg: bool = _f(
         True, doc="RGB/grayscale JPEGs through libjpeg-turbo + a SIMD resize (vqpipe/input/jpeg_decode.py): 1.5-2x the "
@@ -142,11 +181,14 @@ def config_reference(cls: type = None, prefix: str = "") -> list[tuple[str, str,
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
-        key, tp = _join(prefix, f.name), hints[f.name]
+        key, tp = _join(prefix, _yaml_name(f)), hints[f.name]
         if dataclasses.is_dataclass(tp):
             rows += config_reference(tp, key)
             continue
         rows.append((key, _type_name(tp), _default_text(f), f.metadata.get("doc", "")))
+        entry = typing.get_args(tp)[1] if typing.get_origin(tp) is dict else None
+        if dataclasses.is_dataclass(entry):
+            rows += config_reference(entry, f"{key}.<name>")
     return rows
 
 
@@ -154,6 +196,8 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(c) for c in typing.get_args(tp))
+    if origin is dict:
+        return f"mapping of name -> {typing.get_args(tp)[1].__name__}"
     if origin in (Union, types.UnionType):
         return " | ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
@@ -189,7 +233,7 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
     where = prefix or "config"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {_kind(raw)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {_yaml_name(f): f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(f"unknown key {_join(prefix, unknown[0])!r}; {where} takes {sorted(fields)}")
@@ -202,7 +246,7 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
                 doc = f.metadata.get("doc")
                 raise ConfigError(f"missing required key {key!r}" + (f": {doc}" if doc else ""))
             continue
-        values[name] = _coerce(hints[name], raw[name], key)
+        values[f.name] = _coerce(hints[f.name], raw[name], key)
     return cls(**values)
 
 
@@ -221,6 +265,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     if origin is tuple:
         return _coerce_tuple(typing.get_args(tp), value, key)
+    if origin is dict:
+        return _coerce_mapping(typing.get_args(tp)[1], value, key)
     if tp is dict:
         if value is None:
             return {}
@@ -228,6 +274,18 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a mapping, got {_kind(value)}")
         return dict(value)
     return _coerce_scalar(tp, value, key)
+
+
+def _coerce_mapping(value_type: Any, value: Any, key: str) -> dict:
+    """A mapping of names to ``value_type`` (``input.filters``): each entry checked under its own key."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a mapping, got {_kind(value)}")
+    for name in value:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{key}: names must be non-empty strings, got {name!r}")
+    return {name: _coerce(value_type, v, _join(key, name)) for name, v in value.items()}
 
 
 def _coerce_union(options: tuple, value: Any, key: str) -> Any:
@@ -323,6 +381,29 @@ def semantic_checks(config: RunConfig) -> None:
          "resumable large-folder upload (upload_large_folder / `hf upload-large-folder` in huggingface_hub 0.x, "
          "`hf upload REPO_ID FOLDER --repo-type dataset` in later versions)"),
     ]
+    checks += _preprocess_checks(config.preprocess) + _filter_checks(config.input.filters)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _preprocess_checks(cfg: PreprocessConfig) -> list[tuple[bool, str]]:
+    return [
+        (cfg.max_aspect_ratio is None or cfg.max_aspect_ratio >= 1,
+         "preprocess.max_aspect_ratio must be >= 1 (longer side / shorter side) or unset"),
+        (bool(cfg.views), "preprocess.views must list at least one view"),
+        (len(set(cfg.views)) == len(cfg.views), f"preprocess.views lists a view twice: {list(cfg.views)}"),
+        (1.0 <= cfg.crop_range <= 2.0, "preprocess.crop_range must be within [1, 2]"),
+    ]
+
+
+def _filter_checks(filters: dict[str, FilterRule]) -> list[tuple[bool, str]]:
+    checks = []
+    for name, rule in filters.items():
+        key = f"input.filters.{name}"
+        checks += [
+            (rule.to_dict() != {}, f"{key} sets no bound: give min, max or in"),
+            (rule.min is None or rule.max is None or rule.min <= rule.max, f"{key}: min {rule.min} > max {rule.max}"),
+            (rule.allowed is None or len(rule.allowed) > 0, f"{key}.in must list at least one value"),
+        ]
+    return checks

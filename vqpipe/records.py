@@ -52,11 +52,25 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class Filtered:
+    """A sample left out on purpose by ``rule`` (a metadata key of ``input.filters``, or
+    ``max_aspect_ratio``): counted apart from failures, never a sign of a broken run."""
+
+    key: str
+    rule: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"key": self.key, "reason": "filtered", "rule": self.rule, "message": self.message}
+
+
+@dataclass(frozen=True)
 class Preprocessed:
     """A sample ready for the encoder.
 
-    pixels: (R, R, 3) uint8, RGB, resized and center-cropped.
+    pixels: (R, R, 3) uint8, RGB, resized and center-cropped; (V, R, R, 3) with several views.
     width, height: the original image size after EXIF orientation.
+    views: where each view was cut from (``vqpipe.input.views.ViewCrop``); None for the plain center crop.
     """
 
     key: str
@@ -65,6 +79,7 @@ class Preprocessed:
     height: int
     caption: str | None
     metadata: str | None
+    views: list | None = None
 
 
 class ShardError(Exception):

@@ -16,6 +16,7 @@ import struct
 import warnings
 import zlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -27,6 +28,9 @@ from PIL import PngImagePlugin, TiffImagePlugin, WebPImagePlugin  # noqa: F401
 from vqpipe.config import IMAGE_KEYS
 from vqpipe.input.jpeg_decode import preprocess_jpeg
 from vqpipe.records import Failure, FailureReason, Preprocessed, Sample
+
+if TYPE_CHECKING:
+    from vqpipe.input.views import ViewRenderer as Render
 
 
 # Formats LAION-style shards actually carry (multi-picture JPEGs open through "JPEG" and
@@ -60,6 +64,7 @@ def preprocess(
     draft: bool = True,
     max_pixels: int | None = None,
     fast: bool = True,
+    render: Render | None = None,
 ) -> Preprocessed | Failure:
     """Decode and resize the first present field of ``image_keys``.
 
@@ -71,6 +76,8 @@ def preprocess(
     header, before any pixel is decoded (reason ``too_large``); Pillow's own bomb limit (~89 MP)
     always applies. ``fast`` sends RGB and grayscale JPEGs through ``jpeg_decode`` (same pixels
     within rounding, about twice the speed; it falls back here on anything it does not take).
+    ``render`` (:class:`vqpipe.input.views.ViewRenderer`) replaces the center crop with several
+    views of the one decoded image (on the Pillow path: the fast path makes the center crop only).
     """
     field = next((k for k in image_keys if k in sample.fields), None)
     if field is None:
@@ -78,17 +85,21 @@ def preprocess(
     data = sample.fields[field]
     if not data:
         return Failure(sample.key, "empty", f"field {field!r} is empty")
-    fast_result = preprocess_jpeg(data, resolution, min_size, max_pixels) if fast and draft else None
+    fast_result = preprocess_jpeg(data, resolution, min_size, max_pixels) if fast and draft and render is None else None
     if fast_result is not None:
         return Preprocessed(sample.key, *fast_result, _caption(sample), _metadata(sample))
     try:
-        img, width, height, scale = _decode(data, resolution, min_size, draft, max_pixels)
+        img, width, height, scale = _decode(data, render.draft_size if render else resolution, min_size, draft,
+                                            max_pixels)
     except Rejected as e:
         return Failure(sample.key, e.reason, str(e))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return Failure(sample.key, "too_large", str(e))
     except _DECODE_ERRORS as e:
         return Failure(sample.key, "decode_error", f"{type(e).__name__}: {e}")
+    if render is not None:
+        pixels, crops = render(img, (width, height), scale)
+        return Preprocessed(sample.key, pixels, width, height, _caption(sample), _metadata(sample), crops)
     pixels = resize_center_crop(img, resolution, (width, height), scale)
     return Preprocessed(sample.key, pixels, width, height, _caption(sample), _metadata(sample))
 

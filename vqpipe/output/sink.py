@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from vqpipe.output import retry
 from vqpipe.output import storage
 from vqpipe.output.arrays import to_fixed_list_array
+from vqpipe.output.conditioning import conditioning_fields
 from vqpipe.output.layout import MARKER_DIR, data_path, marker_path
 
 ROW_GROUP_ROWS = 1024
@@ -36,13 +37,14 @@ ROW_GROUP_ROWS = 1024
 class TokenLayout:
     """What the Parquet file holds per sample, and how it is compressed."""
 
-    codes_shape: tuple[int, int]  # (h, w) code grid
-    latent_shape: tuple[int, int, int]  # (C, h, w) continuous latents
+    codes_shape: tuple[int, ...]  # (h, w) code grid; (V, h, w) with V > 1 views
+    latent_shape: tuple[int, ...]  # (C, h, w) continuous latents; (V, C, h, w) with views
     codebook_size: int
     write_codes: bool = True
     write_latents: bool = False
     latent_dtype: Literal["float16", "float32"] = "float16"
     compression: str = "zstd"
+    views: int = 1  # > 1: codes and latents carry a view axis, plus the conditioning columns
 
     @property
     def code_type(self) -> pa.DataType:
@@ -67,6 +69,7 @@ def arrow_schema(layout: TokenLayout, metadata: dict[str, Any]) -> pa.Schema:
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
     ]
+    fields += conditioning_fields(layout.views) if layout.views > 1 else []
     return pa.schema(fields, metadata={"vqpipe": json.dumps(metadata, sort_keys=True)})
 
 
@@ -185,9 +188,11 @@ class ShardWriter:
         metadatas: Sequence[str | None],
         widths: Sequence[int] | np.ndarray,
         heights: Sequence[int] | np.ndarray,
+        conditioning: dict[str, pa.Array] | None = None,
     ) -> None:
         """Append N rows. ``codes`` (N, h, w) ints and ``latents`` (N, C, h, w) floats are
-        required when the layout writes them (and ignored otherwise)."""
+        required when the layout writes them (and ignored otherwise); with views, (N, V, ...) and
+        the ``conditioning`` columns (:mod:`vqpipe.output.conditioning`)."""
         columns = {"key": pa.array(keys, pa.string()), "source": pa.array(sources, pa.string())}
         if self.layout.write_codes:
             columns["codes"] = codes_to_arrow(_required(codes, "codes"), self.layout)
@@ -200,6 +205,10 @@ class ShardWriter:
             "width": pa.array(np.asarray(widths, dtype=np.int32)),
             "height": pa.array(np.asarray(heights, dtype=np.int32)),
         }
+        if self.layout.views > 1:
+            if conditioning is None:
+                raise ValueError("the layout has several views but no conditioning columns were given")
+            columns |= conditioning
         lengths = {name: len(col) for name, col in columns.items()}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"columns differ in length: {lengths}")

@@ -15,12 +15,19 @@ under DDP, end the epoch on a fixed step count rather than on the loader running
 
 Streaming: one row group (1024 rows) is read at a time; a file is never loaded whole. The file
 list is taken once, in the constructing process; workers read only their own files' footers.
+
+Views (an output of ``preprocess.views`` with V > 1 views): ``view=None`` yields every column as
+stored (codes ``(V, h, w)``); ``view="all"`` always gives the view axis (``(1, h, w)`` for a
+single-view output); ``view=i`` one view (codes ``(h, w)``); ``view="random"`` one view per sample
+per epoch, drawn from ``seed``, the epoch and the sample's key -- so every rank and worker agrees, and
+the conditioning columns (``crop_box``, ``mirrored``, ``resized_size``) follow the same view.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal, Union
 
 import fsspec
 import numpy as np
@@ -30,27 +37,31 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vqpipe.output.arrays import fixed_list_to_numpy
-from vqpipe.read.tokens import data_files
+from vqpipe.read.tokens import NotTokenOutput, data_files, vqpipe_metadata
 
 DEFAULT_COLUMNS = ("key", "codes", "latents", "caption")
+# Columns that lead with the view axis in a multi-view output.
+VIEW_COLUMNS = ("codes", "latents", "crop_box", "mirrored", "resized_size")
+View = Union[int, Literal["random", "all"], None]
 Unit = tuple[str, "int | None"]  # (data file, row group); None = every row group of the file
 
 
 class TokenDataset(IterableDataset):
     """Rows of the output at ``path`` as dicts: ``key`` str, ``codes`` LongTensor (h, w), ``latents``
     FloatTensor (C, h, w) (stored float16, converted), ``caption`` str ("" where the sample had
-    none, so the default collate works); any other column requested comes as its Python value.
+    none, so the default collate works); with views, ``crop_box`` float64 (V, 4), ``mirrored`` bool
+    (V,) and ``resized_size`` int64 (V, 2) tensors; any other column requested comes as its Python value.
 
     ``columns``: the columns to yield (default: those of ``DEFAULT_COLUMNS`` the output has).
     ``shuffle_buffer``: 0 reads in file order; N > 0 shuffles the file (or row-group) order and
     then the rows through an N-row buffer, from a generator seeded by ``seed``, the epoch
     (``set_epoch``) and the consumer. ``rank`` / ``world_size`` default to torch.distributed's when
-    it is initialised, else 0 / 1.
+    it is initialised, else 0 / 1. ``view``: which of a multi-view output's views (module docstring).
     """
 
     def __init__(self, path: str, columns: Sequence[str] | None = None, storage_options: dict | None = None,
                  shuffle_buffer: int = 0, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+                 world_size: int | None = None, view: View = None) -> None:
         super().__init__()
         self.path, self.storage_options = path, dict(storage_options or {})
         self.rank, self.world_size = _distributed(rank, world_size)
@@ -61,15 +72,27 @@ class TokenDataset(IterableDataset):
         if not self.files:
             raise FileNotFoundError(f"{path}: no Parquet files")
         self.columns = self._choose_columns(columns)
+        self.views = self._view_names()
+        self.view = _check_view(view, len(self.views))
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for ``epoch``; call before iterating (workers get a copy at iterator start)."""
         self.epoch = epoch
 
-    def _choose_columns(self, columns: Sequence[str] | None) -> list[str]:
+    def _schema(self) -> pa.Schema:
         fs, _ = self._fs()
         with fs.open(self.files[0], "rb") as handle:
-            names = pq.read_schema(handle).names
+            return pq.read_schema(handle)
+
+    def _view_names(self) -> list[str]:
+        """The views in the first file's metadata; an output from before views has one."""
+        try:
+            return list(vqpipe_metadata(self._schema(), self.files[0]).get("views", ["center"]))
+        except NotTokenOutput:
+            return ["center"]
+
+    def _choose_columns(self, columns: Sequence[str] | None) -> list[str]:
+        names = self._schema().names
         if columns is None:
             return [c for c in DEFAULT_COLUMNS if c in names]
         missing = [c for c in columns if c not in names]
@@ -115,11 +138,52 @@ class TokenDataset(IterableDataset):
             with fs.open(path, "rb") as handle:
                 parquet = pq.ParquetFile(handle)
                 for g in range(parquet.num_row_groups) if group is None else [group]:
-                    yield from _to_samples(parquet.read_row_group(g, columns=self.columns))
+                    yield from self._samples(parquet.read_row_group(g, columns=self._read_columns()))
+
+    def _read_columns(self) -> list[str]:
+        # "random" draws from the key, so the key is read even when it is not yielded.
+        extra = ["key"] if self.view == "random" and "key" not in self.columns else []
+        return self.columns + extra
+
+    def _samples(self, table: pa.Table) -> Iterator[dict[str, Any]]:
+        rows = _to_samples(table)
+        if self.view is None:
+            yield from rows
+            return
+        multi = len(self.views) > 1
+        for row in rows:
+            index = self._view_index(row) if self.view != "all" else None
+            yield {name: _select(value, index, multi) if name in VIEW_COLUMNS else value
+                   for name, value in row.items() if name in self.columns}
+
+    def _view_index(self, row: dict[str, Any]) -> int:
+        if self.view != "random":
+            return int(self.view)
+        digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{row['key']}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") % len(self.views)
 
     def __repr__(self) -> str:
         return (f"TokenDataset({self.path!r}, files={len(self.files)}, columns={self.columns}, "
-                f"rank={self.rank}/{self.world_size}, shuffle_buffer={self.shuffle_buffer})")
+                f"rank={self.rank}/{self.world_size}, shuffle_buffer={self.shuffle_buffer}, view={self.view!r})")
+
+
+def _check_view(view: View, views: int) -> View:
+    if view in (None, "all", "random"):
+        return view
+    if isinstance(view, bool) or not isinstance(view, int) or not 0 <= view < views:
+        raise ValueError(f"view must be an index in [0, {views}), 'random', 'all' or None; got {view!r}")
+    return view
+
+
+def _select(value: Any, index: int | None, multi: bool) -> Any:
+    """One view (``index``) of a view-axis value, or all of them with the axis (``None``)."""
+    if not multi:
+        return value if index is not None else _with_axis(value)
+    return value[index] if index is not None else value
+
+
+def _with_axis(value: Any) -> Any:
+    return value.unsqueeze(0) if isinstance(value, torch.Tensor) else [value]
 
 
 def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -154,6 +218,13 @@ def _column(column: pa.ChunkedArray, name: str):
     if name == "latents":
         latents = fixed_list_to_numpy(column)
         return lambda i: torch.from_numpy(latents[i].astype(np.float32))
+    if name in ("crop_box", "resized_size"):  # (V, 4) float64 / (V, 2) int32 -> float64 / int64 tensors
+        values = fixed_list_to_numpy(column)
+        wide = np.float64 if name == "crop_box" else np.int64
+        return lambda i: torch.from_numpy(values[i].astype(wide))
+    if name == "mirrored":  # Arrow packs booleans into bits: no zero-copy view
+        flags = np.array(column.to_pylist(), dtype=bool)
+        return lambda i: torch.from_numpy(flags[i].copy())
     values = column.to_pylist()
     if name == "caption":
         return lambda i: values[i] if values[i] is not None else ""

@@ -34,6 +34,8 @@ from vqpipe.model.loading import load_model, pick_device
 from vqpipe.input.images import preprocess
 from vqpipe.read.failures import RunFailures, run_failures
 from vqpipe.read.tokens import Sampled, sample_rows
+from vqpipe.input.views import ViewRenderer
+from vqpipe.read.views import per_view_originals, per_view_rows
 from vqpipe.records import Preprocessed, ShardError
 from vqpipe.input.shards import iter_samples
 
@@ -73,6 +75,9 @@ def run_decode(config: RunConfig, num_samples: int = 64, seed: int = 0, out: str
     model = (model if model is not None else load_model(config.model)).to(pick_device())
     sampled = sample_rows(config.output.path, config.output.storage_options, num_samples, seed)
     meta = sampled.reference_metadata()
+    views = meta.get("views", ["center"])
+    if len(views) > 1:  # every view of each sampled row is decoded, checked and shown
+        sampled.table = per_view_rows(sampled.table, views)
     report = DecodeReport()
     report.checks.append(_metadata_check(sampled.metadata, model))
     schema, fit = _schema_check(sampled, meta)
@@ -81,6 +86,8 @@ def run_decode(config: RunConfig, num_samples: int = 64, seed: int = 0, out: str
     codes, latents = _columns(sampled.table)
     recon = (reconstruct or functools.partial(reconstruct_images, model))(codes, latents, meta)
     originals, errors = _originals(sampled.table, config)
+    if len(views) > 1:
+        originals = per_view_originals(originals, views)
     report.checks.append(_lineage_check(sampled, originals, errors))
     if codes is not None and latents is not None:
         report.checks.append(_consistency_check(model, sampled, codes, latents, meta))
@@ -201,10 +208,15 @@ def _groups_over(md: pq.FileMetaData, codebook: int) -> Iterator[int]:
         if not group.num_rows:
             continue
         chunk = next((group.column(j) for j in range(group.num_columns)
-                      if group.column(j).path_in_schema == CODES_LEAF), None)
+                      if _is_codes_leaf(group.column(j).path_in_schema)), None)
         stats = chunk.statistics if chunk is not None else None
         if stats is None or not stats.has_min_max or stats.max >= codebook:
             yield g
+
+
+def _is_codes_leaf(path: str) -> bool:
+    # codes.list.element.list.element, with one more list level when the output has views
+    return path.startswith("codes.") and path.replace(".list.element", "") == "codes"
 
 
 def _keys_with_codes_over(fs, path: str, group: int, codebook: int) -> tuple[list[str], int]:
@@ -259,7 +271,8 @@ def _originals(table: pa.Table, config: RunConfig) -> tuple[dict[str, Preprocess
     """The sampled keys' images re-read from their source shards and preprocessed as encoded, and
     the shards that could not be read (source -> error)."""
     wanted: dict[str, set[str]] = {}
-    for key, source in zip(table.column("key").to_pylist(), table.column("source").to_pylist()):
+    key_column = "sample_key" if "sample_key" in table.column_names else "key"
+    for key, source in zip(table.column(key_column).to_pylist(), table.column("source").to_pylist()):
         wanted.setdefault(source, set()).add(key)
     found: dict[str, Preprocessed] = {}
     errors: dict[str, str] = {}
@@ -279,7 +292,7 @@ def _find(source: str, keys: set[str], config: RunConfig) -> dict[str, Preproces
         if sample.key in keys:
             result = preprocess(sample, config.input.image_keys, config.preprocess.resolution,
                                 config.preprocess.min_size, max_pixels=config.preprocess.max_pixels,
-                                fast=config.preprocess.fast_jpeg)
+                                fast=config.preprocess.fast_jpeg, render=ViewRenderer.for_config(config.preprocess))
             if isinstance(result, Preprocessed):
                 found[sample.key] = result
             if len(found) == len(keys):

@@ -14,7 +14,7 @@ import math
 import posixpath
 import typing
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import fsspec
 import numpy as np
@@ -48,6 +48,7 @@ class ShardStats:
     data_files: int
     without_marker: int  # data files whose marker is missing (a crash between publish and marker)
     failed_samples_by_reason: dict[str, int]  # summed over the commit markers
+    filtered_samples_by_rule: dict[str, int] = field(default_factory=dict)  # input.filters etc., not failures
 
     @property
     def failed_by_reason(self) -> dict[str, int]:
@@ -85,6 +86,7 @@ class OutputStats:
     codes: CodebookStats | None = None  # None when the output holds no codes column
     latents: LatentStats | None = None  # None when the output holds no latents column
     fidelity: dict | None = None  # the markers' fidelity audits across shards (vqpipe.encode.fidelity)
+    views: list[str] = field(default_factory=lambda: ["center"])  # per sample, in order (preprocess.views)
 
     @property
     def bytes_per_sample(self) -> float | None:
@@ -113,17 +115,19 @@ def inspect_output(path: str, storage_options: dict | None = None) -> OutputStat
     """
     fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
     sizes = data_file_sizes(path, storage_options)
-    committed, by_reason, audits = set(), [], []
+    committed, by_reason, by_rule, audits = set(), [], [], []
     for stem, marker in json_records(fs, posixpath.join(root, MARKER_DIR)):
         committed.add(stem)
         by_reason.append(marker.get("failures_by_reason", {}))  # the per-sample list can be long: not kept
+        by_rule.append(marker.get("filtered_by_rule", {}))
         audits.append((stem, marker.get("audit")))
     failed = [failed_shard(stem, record) for stem, record in json_records(fs, posixpath.join(root, FAILED_DIR))]
     if not sizes and not committed and not failed:
         raise FileNotFoundError(f"{path}: no vqpipe output here (no Parquet files, no _vqpipe/ records)")
     stems = {posixpath.basename(p)[: -len(".parquet")] for p in sizes}
     shards = ShardStats(committed=len(committed), failed=failed, data_files=len(sizes),
-                        without_marker=len(stems - committed), failed_samples_by_reason=sum_reasons(by_reason))
+                        without_marker=len(stems - committed), failed_samples_by_reason=sum_reasons(by_reason),
+                        filtered_samples_by_rule=sum_reasons(by_rule))
     stats = OutputStats(path, shards, rows=0, data_bytes=sum(sizes.values()))
     if committed:
         stats.fidelity = summarize(audits, _min_code_agreement(fs, root))
@@ -192,6 +196,7 @@ def _scan(fs: fsspec.AbstractFileSystem, files: list[str], stats: OutputStats) -
     with fs.open(files[0], "rb") as handle:
         schema = pq.read_schema(handle)
     meta = vqpipe_metadata(schema, files[0])
+    stats.views = list(meta.get("views", ["center"]))
     codes = CodeCounter(meta["num_vq_embeddings"]) if "codes" in schema.names else None
     latents = ChannelMoments(meta["latent_shape"][0]) if "latents" in schema.names else None
     columns = [c for c, acc in (("codes", codes), ("latents", latents)) if acc is not None]
@@ -204,7 +209,8 @@ def _scan(fs: fsspec.AbstractFileSystem, files: list[str], stats: OutputStats) -
                 if codes is not None:
                     codes.add(fixed_list_to_numpy(table.column("codes")))
                 if latents is not None:
-                    latents.add(fixed_list_to_numpy(table.column("latents")))
+                    # views are more rows to the statistics: (N, V, C, h, w) -> (N * V, C, h, w)
+                    latents.add(fixed_list_to_numpy(table.column("latents")).reshape(-1, *meta["latent_shape"]))
     stats.codes = codes.result() if codes is not None else None
     if latents is not None:
         stats.latents = latents.result(meta["latent_shape"], meta["latent_dtype"], meta["scaling_factor"])
@@ -314,7 +320,12 @@ def _shard_lines(stats: OutputStats) -> list[str]:
     if shards.without_marker:
         lines.append(f"  data files without a commit marker: {shards.without_marker}")
     lines.append(f"rows: {stats.rows}")
+    if len(stats.views) > 1 or stats.views != ["center"]:
+        lines.append(f"views: {len(stats.views)} per row ({', '.join(stats.views)})")
     lines.append(f"failed samples: {_pairs(shards.failed_samples_by_reason) or 'none'}")
+    if shards.filtered_samples_by_rule:
+        total = sum(shards.filtered_samples_by_rule.values())
+        lines.append(f"filtered samples: {total} ({_pairs(shards.filtered_samples_by_rule)})")
     per_sample = stats.bytes_per_sample
     lines.append(f"bytes per sample: {per_sample:,.1f} ({stats.data_bytes:,} bytes in {shards.data_files} files)"
                  if per_sample is not None else f"bytes per sample: - ({shards.data_files} files, no rows)")

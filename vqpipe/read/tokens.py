@@ -1,8 +1,8 @@
 """Read a vqpipe output folder: Arrow tables, NumPy arrays, and the lineage metadata.
 
     table = read_tokens("out/demo", columns=["key", "codes"])
-    codes = codes_array(table)        # (N, h, w) uint16
-    latents = latents_array(table)    # (N, C, h, w) float16
+    codes = codes_array(table)        # (N, h, w) uint16; (N, V, h, w) with V > 1 preprocess.views
+    latents = latents_array(table)    # (N, C, h, w) float16; (N, V, C, h, w) with views
 
 The arrays share Arrow's buffers when the column is one chunk (one file read with one row group,
 or a table ``combine_chunks()``-ed once); a column of several chunks is copied once into one
@@ -75,14 +75,15 @@ def read_tokens(path: str, columns: list[str] | None = None, filters=None,
 
 
 def codes_array(table: pa.Table, column: str = "codes") -> np.ndarray:
-    """(N, h, w) codes in their stored integer type (uint16 for codebooks up to 65536).
+    """(N, h, w) codes in their stored integer type (uint16 for codebooks up to 65536); (N, V, h, w)
+    for an output of V > 1 views (named in ``token_metadata(path)["views"]``).
     Zero-copy for a one-chunk column, else copied once."""
     return fixed_list_to_numpy(table.column(column))
 
 
 def latents_array(table: pa.Table, column: str = "latents") -> np.ndarray:
-    """(N, C, h, w) scaled latents in their stored float type (float16 by default).
-    Zero-copy for a one-chunk column, else copied once."""
+    """(N, C, h, w) scaled latents in their stored float type (float16 by default); (N, V, C, h, w)
+    with V > 1 views. Zero-copy for a one-chunk column, else copied once."""
     return fixed_list_to_numpy(table.column(column))
 
 

@@ -61,6 +61,7 @@ def _totals(outcome: Outcome, plan: Plan, wall: float, started: float, min_code_
     return {
         "shards": plan.total, "shards_committed": len(outcome.committed), "shards_failed": len(outcome.failed),
         "shards_skipped": len(plan.committed), "samples_written": rows, "samples_failed_by_reason": reasons,
+        "samples_filtered_by_rule": dict(outcome.filtered_by_rule()),
         "wall_s": round(wall, 3), "images_per_s": round(rows / wall, 2) if wall else None,
         "startup_s": _rounded(outcome.startup_s(started)), "steady_images_per_s_per_worker": _rounded(
             outcome.steady_rate()), "failed_shards": outcome.failed, "stage_times_s": stages,

@@ -44,6 +44,7 @@ class Outcome:
         their model loads."""
         starts = [r.started_at for r in self.committed.values() if r.started_at]
         return max(0.0, min(starts) - run_started) if starts else None
+
     def fidelity(self, min_code_agreement: float) -> dict:
         """The committed shards' fidelity audits: min and median across shards, and the shards
         under the floor (:func:`vqpipe.encode.fidelity.summarize`)."""
@@ -52,3 +53,7 @@ class Outcome:
     def precision_switches(self) -> dict[str, list[dict]]:
         """Shards during which a worker fell back to a safer precision, with the switches."""
         return {stem: r.precision_switches for stem, r in sorted(self.committed.items()) if r.precision_switches}
+
+    def filtered_by_rule(self) -> dict[str, int]:
+        """Samples left out by input.filters / max_aspect_ratio: not failures, never seen by the guard."""
+        return sum_reasons(r.filtered_by_rule for r in self.committed.values())

@@ -77,6 +77,9 @@ def status_text(outcome: "Outcome", elapsed_s: float) -> str:
     rows = outcome.rows
     parts = [f"{rows} images, {rows / max(elapsed_s, 1e-9):.1f} img/s",
              f"{sum(outcome.failures_by_reason().values())} bad samples"]
+    filtered = sum(outcome.filtered_by_rule().values())
+    if filtered:
+        parts.append(f"{filtered} filtered")
     if outcome.failed:
         parts.append(f"{len(outcome.failed)} shards failed")
     rates = outcome.rates_by_worker()
@@ -97,6 +100,7 @@ def summary_table(outcome: "Outcome", skipped: int, wall_s: float, output: str, 
         ("samples written", str(rows)),
         ("samples failed", str(sum(reasons.values()))),
         *((f"  {reason}", str(n)) for reason, n in reasons.items()),
+        *_filtered_lines(outcome.filtered_by_rule()),
         ("wall time", _duration(wall_s)),
         ("start-up (Ray, workers, model load)", _duration(startup_s) if startup_s is not None else "-"),
         ("images/s (wall clock)", f"{rows / wall_s:.1f}" if wall_s > 0 else "-"),
@@ -113,6 +117,14 @@ def summary_table(outcome: "Outcome", skipped: int, wall_s: float, output: str, 
     for stem, error in sorted(outcome.failed.items()):
         out.append(f"FAILED {stem}: {error}")
     return "\n".join(out)
+
+
+def _filtered_lines(rules) -> list[tuple[str, str]]:
+    """``samples filtered`` and its rules (a rule is a metadata key or max_aspect_ratio); none if no filter hit."""
+    if not rules:
+        return []
+    return [("samples filtered", str(sum(rules.values()))),
+            *((f"  {rule}", str(n)) for rule, n in rules.items())]  # most frequent first
 
 
 def _duration(seconds: float) -> str:

@@ -25,13 +25,18 @@ from vqpipe import __version__, faults
 from vqpipe.config import InputConfig, OutputConfig, PreprocessConfig
 from vqpipe.encode import audit as fidelity_audit
 from vqpipe.encode.encoder import TokenEncoder
+from vqpipe.encode.views import encode_views
+from vqpipe.input.filters import SampleFilter
 from vqpipe.input.images import preprocess
 from vqpipe.input.prefetch import PrefetchStats, ordered_parallel_map
-from vqpipe.records import Failure, Preprocessed, Sample
+from vqpipe.input.views import ViewRenderer, view_names
+from vqpipe.output.conditioning import conditioning_columns
+from vqpipe.records import Failure, Filtered, Preprocessed, Sample
 from vqpipe.input.shards import iter_samples
 from vqpipe.output.sink import ShardWriter, TokenLayout
 
 FORMAT_VERSION = 1
+FILTERED_EXAMPLES = 5  # filtered samples named per rule in a shard's marker (all are counted)
 LATENTS_HOLD = ("pre-quantization h = quant_conv(encoder(x)), multiplied by scaling_factor; "
                 "quantize.codes(latents / scaling_factor) gives the codes")
 
@@ -46,6 +51,8 @@ class ShardSettings:
     layout: TokenLayout
     metadata: dict  # written as the Parquet key-value metadata `vqpipe`
     audit_samples: int = 0  # images per shard re-encoded in fp32 by the fidelity audit
+    screen: SampleFilter = field(default_factory=SampleFilter)  # input.filters, max_aspect_ratio
+    render: ViewRenderer | None = None  # preprocess.views other than the plain [center]
 
 
 @dataclass
@@ -74,6 +81,7 @@ class ShardResult:
     audit: dict | None = None  # the marker's fidelity audit
     precision: str = "fp32"  # the encoder's precision when the shard ended
     precision_switches: list[dict] = field(default_factory=list)  # fallbacks made during this shard
+    filtered_by_rule: dict[str, int] = field(default_factory=dict)  # left out on purpose, not failures
 
 
 def make_settings(input: InputConfig, preprocess_cfg: PreprocessConfig, output: OutputConfig, model, precision: str,
@@ -82,10 +90,12 @@ def make_settings(input: InputConfig, preprocess_cfg: PreprocessConfig, output: 
     cfg = model.config
     r = preprocess_cfg.resolution
     h = w = r // cfg.downsample_factor
+    views = view_names(preprocess_cfg.views)
+    axis = (len(views),) if len(views) > 1 else ()  # one view: exactly the single-view layout
     layout = TokenLayout(
-        codes_shape=(h, w), latent_shape=(cfg.embed_dim, h, w), codebook_size=cfg.num_vq_embeddings,
+        codes_shape=(*axis, h, w), latent_shape=(*axis, cfg.embed_dim, h, w), codebook_size=cfg.num_vq_embeddings,
         write_codes=output.codes, write_latents=output.latents, latent_dtype=output.latent_dtype,
-        compression=output.compression,
+        compression=output.compression, views=len(views),
     )
     metadata = {
         "format_version": FORMAT_VERSION, "vqpipe_version": __version__,
@@ -94,8 +104,11 @@ def make_settings(input: InputConfig, preprocess_cfg: PreprocessConfig, output: 
         "codes_shape": [h, w], "latent_shape": [cfg.embed_dim, h, w], "latent_dtype": output.latent_dtype,
         "resolution": r, "value_range": list(preprocess_cfg.value_range), "precision": precision,
         "image_keys": list(input.image_keys), "latents": LATENTS_HOLD,
+        # codes_shape / latent_shape are per view; with V > 1 views the columns lead with a V axis
+        "views": views, "view_kinds": list(preprocess_cfg.views), "crop_range": preprocess_cfg.crop_range,
     }
-    return ShardSettings(input, preprocess_cfg, output, layout, metadata, audit_samples)
+    return ShardSettings(input, preprocess_cfg, output, layout, metadata, audit_samples,
+                         SampleFilter.from_config(input, preprocess_cfg), ViewRenderer.for_config(preprocess_cfg))
 
 
 def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder, pool: Executor,
@@ -107,6 +120,7 @@ def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder
     """
     started, started_at = time.perf_counter(), time.time()
     failures: list[Failure] = []
+    filtered: list[Filtered] = []
     times, stats = StageTimes(), PrefetchStats()
     switches_before = len(encoder.switches)
     # The file records the precision its batches ran in: a worker that fell back says so from then on.
@@ -116,9 +130,9 @@ def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder
     rows = amp_fallbacks = 0
     try:
         samples = iter_samples(url, job.input.storage_options, on_failure=failures.append)
-        work = functools.partial(_timed_preprocess, job.preprocess, job.input.image_keys)
+        work = functools.partial(_timed_preprocess, job)
         results = ordered_parallel_map(work, samples, pool, max_pending=2 * encoder.batch_size + 8, stats=stats)
-        for n, batch in enumerate(_batches(_keep_good(results, failures, times), encoder.batch_size)):
+        for n, batch in enumerate(_batches(_keep_good(results, failures, filtered, times), encoder.batch_size)):
             written, amp_fallback = _encode_and_write(batch, url, encoder, writer, failures, times, sampler)
             rows, amp_fallbacks = rows + written, amp_fallbacks + amp_fallback
             on_progress(rows)
@@ -126,7 +140,7 @@ def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder
         times.read_s, times.wait_s = stats.source_s, stats.wait_s
         audit = _audit(job, encoder, sampler, times)
         switches = encoder.switches[switches_before:]
-        marker = {**_marker(url, stem, rows, failures, times, amp_fallbacks, str(encoder.device), started),
+        marker = {**_marker(url, stem, rows, failures, filtered, times, amp_fallbacks, str(encoder.device), started),
                   "precision": encoder.precision, "precision_switches": switches, "audit": audit}
         write_started = time.perf_counter()
         committed = writer.commit(marker).committed
@@ -137,7 +151,7 @@ def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder
     return ShardResult(url, stem, committed, rows, [f.to_dict() for f in failures], times, amp_fallbacks,
                        failures_by_reason=_count_reasons(failures), audit=audit, precision=encoder.precision,
                        precision_switches=switches, worker=f"{socket.gethostname()}:{os.getpid()}",
-                       started_at=started_at)
+                       started_at=started_at, filtered_by_rule=_count_rules(filtered))
 
 
 def _audit(job: ShardSettings, encoder: TokenEncoder, sampler: fidelity_audit.AuditSampler,
@@ -155,19 +169,23 @@ def _audit(job: ShardSettings, encoder: TokenEncoder, sampler: fidelity_audit.Au
     return record
 
 
-def _timed_preprocess(cfg: PreprocessConfig, image_keys, sample: Sample) -> tuple[Preprocessed | Failure, float]:
+def _timed_preprocess(job: ShardSettings, sample: Sample) -> tuple[Preprocessed | Failure | Filtered, float]:
     started = time.perf_counter()
-    result = preprocess(sample, image_keys, cfg.resolution, cfg.min_size, max_pixels=cfg.max_pixels,
-                        fast=cfg.fast_jpeg)
+    cfg = job.preprocess
+    # Filters first: a filtered sample costs a JSON parse and at most an image header, no decode.
+    result = job.screen(sample) or preprocess(sample, job.input.image_keys, cfg.resolution, cfg.min_size,
+                                              max_pixels=cfg.max_pixels, fast=cfg.fast_jpeg, render=job.render)
     return result, time.perf_counter() - started
 
 
-def _keep_good(results: Iterable[tuple[Preprocessed | Failure, float]], failures: list[Failure],
-               times: StageTimes) -> Iterator[Preprocessed]:
+def _keep_good(results: Iterable[tuple[Preprocessed | Failure | Filtered, float]], failures: list[Failure],
+               filtered: list[Filtered], times: StageTimes) -> Iterator[Preprocessed]:
     for result, seconds in results:
         times.decode_s += seconds
         if isinstance(result, Failure):
             failures.append(result)
+        elif isinstance(result, Filtered):
+            filtered.append(result)
         else:
             yield result
 
@@ -187,7 +205,8 @@ def _encode_and_write(batch: list[Preprocessed], url: str, encoder: TokenEncoder
                       failures: list[Failure], times: StageTimes,
                       sampler: fidelity_audit.AuditSampler) -> tuple[int, bool]:
     started = time.perf_counter()
-    encoded = encoder(np.stack([p.pixels for p in batch]))
+    pixels = np.stack([p.pixels for p in batch])  # (B, R, R, 3), or (B, V, R, R, 3) with views
+    encoded = encode_views(encoder, pixels if writer.layout.views > 1 or pixels.ndim == 4 else pixels[:, 0])
     times.encode_s += time.perf_counter() - started
     keep = np.flatnonzero(encoded.finite)
     for i in np.flatnonzero(~encoded.finite):
@@ -200,6 +219,7 @@ def _encode_and_write(batch: list[Preprocessed], url: str, encoder: TokenEncoder
         latents=encoded.latents[keep] if writer.layout.write_latents else None,
         captions=[p.caption for p in kept], metadatas=[p.metadata for p in kept],
         widths=[p.width for p in kept], heights=[p.height for p in kept],
+        conditioning=conditioning_columns([p.views for p in kept]) if writer.layout.views > 1 else None,
     )
     times.write_s += time.perf_counter() - started
     sampler.offer([p.key for p in kept], [p.pixels for p in kept], encoded.codes[keep], encoded.latents[keep],
@@ -207,12 +227,14 @@ def _encode_and_write(batch: list[Preprocessed], url: str, encoder: TokenEncoder
     return len(kept), encoded.amp_fallback
 
 
-def _marker(url: str, stem: str, rows: int, failures: list[Failure], times: StageTimes, amp_fallbacks: int,
-            device: str, started: float) -> dict:
+def _marker(url: str, stem: str, rows: int, failures: list[Failure], filtered: list[Filtered], times: StageTimes,
+            amp_fallbacks: int, device: str, started: float) -> dict:
     times.total_s = time.perf_counter() - started
     return {
         "source": url, "stem": stem, "rows": rows, "failed": len(failures),
         "failures": [f.to_dict() for f in failures], "failures_by_reason": _count_reasons(failures),
+        "filtered": len(filtered), "filtered_by_rule": _count_rules(filtered),
+        "filtered_examples": _examples(filtered),
         "times": dataclasses.asdict(times), "amp_fallback_batches": amp_fallbacks,
         "host": socket.gethostname(), "device": device,
         # The worker process's peak so far, flat across shards when memory is (KiB on Linux, bytes on macOS).
@@ -223,3 +245,19 @@ def _marker(url: str, stem: str, rows: int, failures: list[Failure], times: Stag
 
 def _count_reasons(failures: list[Failure]) -> dict[str, int]:
     return dict(collections.Counter(f.reason for f in failures))
+
+
+def _count_rules(filtered: list[Filtered]) -> dict[str, int]:
+    return dict(collections.Counter(f.rule for f in filtered))
+
+
+def _examples(filtered: list[Filtered]) -> list[dict]:
+    """The first few filtered samples of each rule. Not all: a filter may drop most of a LAION shard,
+    and `vqpipe inspect` reads every marker."""
+    seen: collections.Counter = collections.Counter()
+    kept = []
+    for f in filtered:
+        seen[f.rule] += 1
+        if seen[f.rule] <= FILTERED_EXAMPLES:
+            kept.append(f.to_dict())
+    return kept
