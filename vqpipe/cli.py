@@ -82,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.config is None:
         raise ConfigError("vqpipe run needs a config file: vqpipe run CONFIG.yaml (see configs/)")
-    from vqpipe.output.folder import remove_output
+    from vqpipe.output.folder import ensure_writable, remove_output, repair
     from vqpipe.run import manifest
     from vqpipe.run.execute import execute
     from vqpipe.run.plan import make_plan
@@ -91,12 +91,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.limit_shards is not None and args.limit_shards < 1:
         raise ConfigError("--limit-shards must be >= 1")
     config = load_config(args.config, args.overrides)
+    if not args.dry_run:
+        ensure_writable(config)  # before the model loads or Ray starts
     model = _load_model(config)
     precision = str(model.autocast_dtype(config.model.precision, _device_hint()) or "fp32").replace("torch.", "")
     job = make_settings(config.input, config.preprocess, config.output, model, precision)
     fingerprint = manifest.fingerprint(job.metadata, config)
     plan = make_plan(config, args.limit_shards)
-    conflicts = manifest.incompatibilities(manifest.read_manifest(config), fingerprint)
+    conflicts = manifest.incompatibilities(manifest.recorded(config, plan.audit), fingerprint)
     if conflicts and not args.overwrite and not args.dry_run:
         raise ConfigError(f"{config.output.path} holds tokens from another model or preprocessing "
                           f"({'; '.join(conflicts)}); use another output.path, or --overwrite to discard them")
@@ -106,11 +108,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     if conflicts:
         remove_output(config)
         plan = make_plan(config, args.limit_shards)
+    _report_damage(plan)
+    repair(config, plan.audit, set(plan.stems.values()))
     outcome = execute(config, plan, job, fingerprint)
     if outcome.aborted:
         print(f"vqpipe: {outcome.aborted}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_FAILED if outcome.failed else EXIT_OK
+
+
+def _report_damage(plan) -> None:
+    """Every committed shard whose files do not hold, and every unreadable marker, by name."""
+    for stem, why in plan.redo.items():
+        log.warning("committed shard %s is damaged: %s: redoing it", stem, why)
+    for stem, why in plan.audit.problems.items():
+        if stem not in plan.redo:
+            log.warning("committed shard %s (not in this run's input) is damaged: %s", stem, why)
+    for path, why in plan.audit.unreadable.items():
+        log.warning("commit marker %s is unreadable (%s): treated as absent", path, why)
+    if plan.missing:
+        log.warning("%d of %d input shards do not exist (first: %s): recorded as missing_shard failures",
+                    len(plan.missing), plan.total, ", ".join(plan.missing[:3]))
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
@@ -181,7 +199,10 @@ def _plan_text(config: RunConfig, plan, job, conflicts: list[str]) -> str:
     meta = job.metadata
     lines = {
         "shards": plan.total, "committed": len(plan.committed), "pending (this run)": len(plan.pending),
-        "first pending": plan.pending[:3], "model": config.model.path, "weights_sha256": meta["weights_sha256"],
+        "first pending": plan.pending[:3], "missing inputs": len(plan.missing),
+        "non-tar files passed over by globs": plan.passed_over,
+        "damaged (redone)": [f"{s}: {why}" for s, why in plan.redo.items()] or "none",
+        "unreadable markers (treated as absent)": list(plan.audit.unreadable) or "none", "model": config.model.path, "weights_sha256": meta["weights_sha256"],
         "codebook": meta["num_vq_embeddings"], "token grid": "x".join(map(str, meta["codes_shape"])),
         "latent shape": meta["latent_shape"], "precision": meta["precision"], "output": config.output.path,
         "conflicts with existing output": conflicts or "none",

@@ -85,7 +85,7 @@ class _LocalAtomic:
         except BaseException:
             self.discard()
             raise
-        _fsync_dir(os.path.dirname(self.path))
+        fsync_dir(os.path.dirname(self.path))
 
     def discard(self) -> None:
         self.file.close()
@@ -167,17 +167,31 @@ def _link_create_only(path: str, data: bytes) -> bool:
         return False
     finally:
         tmp.discard()
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
     return True
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder: str) -> None:
     # Makes the rename itself durable; without it a crash can forget the new name.
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def is_object_store(fs: AbstractFileSystem) -> bool:
+    """S3 and kin: server-side copies, ETags, multipart uploads."""
+    return bool(protocols(fs) & _TRANSACTIONAL)
+
+
+def etag(fs: AbstractFileSystem, path: str) -> str | None:
+    """The object's ETag on an object store (None elsewhere)."""
+    if not is_object_store(fs):
+        return None
+    fs.invalidate_cache(path)
+    info = retry.call(lambda: fs.info(path), f"info {path}")
+    return str(info.get("ETag", "")).strip('"') or None
 
 
 def exists(fs: AbstractFileSystem, path: str) -> bool:

@@ -8,7 +8,7 @@ import time
 from vqpipe import __version__
 from vqpipe.config import RunConfig
 from vqpipe.output.folder import sweep_leftovers, write_json
-from vqpipe.output.layout import MANIFEST
+from vqpipe.output.layout import MANIFEST, failure_record
 from vqpipe.run.driver import run_on_ray
 from vqpipe.run.outcome import Outcome
 from vqpipe.run.plan import Plan
@@ -26,8 +26,10 @@ def execute(config: RunConfig, plan: Plan, job: ShardSettings, fingerprint: dict
     }
     write_json(config, MANIFEST, manifest)
     sweep_leftovers(config)
+    missing = record_missing(config, plan)
     progress = Progress(total=plan.total, already=len(plan.committed))
     outcome = run_on_ray(config, plan, progress)
+    outcome.failed.update(missing)
     progress.update(outcome, force=True)
     progress.close()
     wall = time.time() - started
@@ -36,6 +38,18 @@ def execute(config: RunConfig, plan: Plan, job: ShardSettings, fingerprint: dict
     write_json(config, MANIFEST, manifest)
     print(summary_table(outcome, skipped=len(plan.committed), wall_s=wall, output=config.output.path))
     return outcome
+
+
+def record_missing(config: RunConfig, plan: Plan) -> dict[str, str]:
+    """A ``missing_shard`` failure record for every input shard planning found absent, at once (no
+    worker is sent to find out); stem -> error."""
+    errors = {}
+    for url in plan.missing:
+        stem, error = plan.stems[url], f"missing_shard: {url} does not exist"
+        write_json(config, failure_record(stem), {"source": url, "stem": stem, "attempts": 0, "error": error,
+                                                  "failed_at": _iso(time.time())})
+        errors[stem] = error
+    return errors
 
 
 def _totals(outcome: Outcome, plan: Plan, wall: float) -> dict:

@@ -1,0 +1,52 @@
+"""Which input shards exist, asked with one listing per folder or prefix, not one request per URL.
+
+A brace range with a typo names hundreds of shards that do not exist; finding that out shard by
+shard, on the workers, costs a failed attempt each and a record per retry. Listing each parent
+once at planning costs a request per folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from collections import defaultdict
+from typing import Any
+
+import fsspec
+
+from vqpipe.output import retry
+
+log = logging.getLogger(__name__)
+
+# Schemes with no listing: their shards are found out (or not) when read.
+_UNLISTABLE = ("http://", "https://", "pipe:")
+
+
+def missing_inputs(urls: list[str], storage_options: dict[str, Any]) -> list[str]:
+    """The URLs of ``urls`` whose file is not in its parent's listing, in the order given. A folder
+    that cannot be listed (no permission to list, an unlistable scheme) is not checked."""
+    groups: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
+    for url in urls:
+        if url.startswith(_UNLISTABLE):
+            continue
+        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+        groups[(url.split("://", 1)[0] if "://" in url else "", posixpath.dirname(path))].append((url, path))
+    missing: set[str] = set()
+    for (_, parent), members in groups.items():
+        fs, _ = fsspec.core.url_to_fs(members[0][0], **storage_options)
+        present = _listing(fs, parent)
+        if present is not None:
+            missing.update(url for url, path in members if fs._strip_protocol(path) not in present)
+    return [u for u in urls if u in missing]
+
+
+def _listing(fs, parent: str) -> set[str] | None:
+    fs.invalidate_cache(parent)
+    try:
+        found = retry.call(lambda: fs.ls(parent, detail=True), f"list {parent}")
+    except FileNotFoundError:
+        return set()
+    except OSError as err:  # e.g. list permission denied while reads are allowed: let the workers find out
+        log.info("cannot list %s to check the input shards there (%s): not checked", parent, err)
+        return None
+    return {fs._strip_protocol(i["name"]) for i in found if i.get("type") != "directory"}
