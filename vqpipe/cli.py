@@ -1,7 +1,8 @@
 """``vqpipe`` command line: validates everything at the edge, then hands typed objects inward.
 
 Exit status: 0 all shards committed; 1 some shards failed (or the misconfiguration guard
-stopped the run); 2 usage or config error, with nothing written and no Ray started.
+stopped the run; for ``inspect`` and ``decode``: a file that does not match its commit marker);
+2 usage or config error, with nothing written and no Ray started.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                                              "latent statistics")
     inspect.add_argument("output", help="output folder, local or fsspec URL")
     inspect.add_argument("--json", action="store_true", help="print the figures as JSON")
+    inspect.add_argument("--verify", action="store_true",
+                         help="also check every data file's sha256 against its commit marker (reads every byte)")
     inspect.add_argument("--storage-options", default="{}", metavar="JSON",
                          help='fsspec options for reading the output, as JSON: \'{"anon": true}\'')
     inspect.set_defaults(func=cmd_inspect)
@@ -91,8 +94,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.limit_shards is not None and args.limit_shards < 1:
         raise ConfigError("--limit-shards must be >= 1")
     config = load_config(args.config, args.overrides)
-    if not args.dry_run:
-        ensure_writable(config)  # before the model loads or Ray starts
     model = _load_model(config)
     precision = str(model.autocast_dtype(config.model.precision, _device_hint()) or "fp32").replace("torch.", "")
     job = make_settings(config.input, config.preprocess, config.output, model, precision)
@@ -105,6 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(_plan_text(config, plan, job, conflicts))
         return EXIT_OK
+    ensure_writable(config)  # before anything is written or Ray starts
     if conflicts:
         remove_output(config)
         plan = make_plan(config, args.limit_shards)
@@ -161,11 +163,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not isinstance(options, dict):
         raise ConfigError(f"--storage-options must be a JSON object, got {args.storage_options!r}")
     try:
-        stats = inspect_output(args.output, options)
+        stats = inspect_output(args.output, options, verify=args.verify)
     except (FileNotFoundError, NotTokenOutput) as err:
         raise ConfigError(str(err)) from None
     print(json.dumps(stats.to_dict(), indent=2) if args.json else format_text(stats))
-    return EXIT_OK
+    for problem in stats.problems:
+        print(f"vqpipe: {problem}", file=sys.stderr)
+    return EXIT_FAILED if stats.problems else EXIT_OK
 
 
 def _config_help() -> str:

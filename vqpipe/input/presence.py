@@ -44,7 +44,7 @@ def _listing(fs, parent: str) -> set[str] | None:
     fs.invalidate_cache(parent)
     try:
         found = retry.call(lambda: fs.ls(parent, detail=True), f"list {parent}")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return set()
     except OSError as err:  # e.g. list permission denied while reads are allowed: let the workers find out
         log.info("cannot list %s to check the input shards there (%s): not checked", parent, err)

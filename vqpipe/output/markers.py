@@ -35,7 +35,7 @@ def read_records(fs: AbstractFileSystem, folder: str) -> Records:
     fs.invalidate_cache(folder)
     try:
         listing = retry.call(lambda: fs.ls(folder, detail=False), f"list {folder}")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return out
     names = sorted(p for p in listing if p.endswith(".json") and not posixpath.basename(p).startswith("."))
     for start in range(0, len(names), JSON_BATCH):
@@ -94,7 +94,7 @@ def attempt_listing(fs: AbstractFileSystem, root: str) -> dict[str, dict]:
     fs.invalidate_cache(folder)
     try:
         found = retry.call(lambda: fs.ls(folder, detail=True), f"list {folder}")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return {}
     return {i["name"]: i for i in found if i.get("type") == "file"}
 

@@ -211,7 +211,7 @@ def read_json(fs: AbstractFileSystem, path: str) -> Any | None:
     """The JSON document at ``path``, or None if there is none; transient errors are retried."""
     try:
         return json.loads(retry.call(lambda: fs.cat_file(path), f"read {path}"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 
@@ -221,7 +221,7 @@ def glob(fs: AbstractFileSystem, pattern: str) -> dict[str, dict[str, Any]]:
     fsspec's generic walk *omits* folders whose listing raised, so one dropped connection would
     silently shrink a run's shard list or a reader's file list; ``on_error="raise"`` turns that off.
     s3fs's recursive (``**``) listing takes no ``on_error`` (TypeError) but raises its errors anyway.
-    Transient errors are retried; a missing folder matches nothing.
+    Transient errors are retried; a missing folder (or one under a regular file) matches nothing.
     """
     def once() -> dict[str, dict[str, Any]]:
         try:
@@ -231,7 +231,7 @@ def glob(fs: AbstractFileSystem, pattern: str) -> dict[str, dict[str, Any]]:
 
     try:
         return retry.call(once, f"glob {pattern}")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a folder under a regular file holds nothing either
         return {}
 
 

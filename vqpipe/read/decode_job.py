@@ -30,6 +30,7 @@ from vqpipe.output.layout import decode_dir
 from vqpipe.config import RunConfig
 from vqpipe.model.loading import load_model, pick_device
 from vqpipe.input.images import preprocess
+from vqpipe.read.integrity import Integrity, check_output
 from vqpipe.read.tokens import Sampled, sample_rows
 from vqpipe.records import Preprocessed, ShardError
 from vqpipe.input.shards import iter_samples
@@ -65,9 +66,13 @@ def run_decode(config: RunConfig, num_samples: int = 64, seed: int = 0, out: str
     config's model, if the caller already loaded it."""
     out = out or decode_dir(config.output.path)
     model = (model if model is not None else load_model(config.model)).to(pick_device())
-    sampled = sample_rows(config.output.path, config.output.storage_options, num_samples, seed)
+    fs, root = fsspec.core.url_to_fs(config.output.path, **config.output.storage_options)
+    integrity = check_output(fs, root)
+    sampled = sample_rows(config.output.path, config.output.storage_options, num_samples, seed,
+                          files=integrity.readable)
     meta = sampled.reference_metadata()
     report = DecodeReport()
+    report.checks.append(_files_check(integrity))
     report.checks.append(_metadata_check(sampled.metadata, model))
     schema, fit = _schema_check(sampled, meta)
     report.checks.append(schema)
@@ -116,10 +121,20 @@ def _metadata_check(metadata: dict[str, dict | None], model) -> Check:
                                                       "and scaling_factor")
 
 
+def _files_check(integrity: Integrity) -> Check:
+    """Every data file as its commit marker records it, and readable; each offender named."""
+    figure = "; ".join(integrity.problems) or f"all {len(integrity.footers)} files match their commit markers"
+    return Check("files", not integrity.problems, figure)
+
+
 def _metadata_problems(meta: dict | None, model) -> list[str]:
     if meta is None:
         return ["no vqpipe metadata"]
     problems = []
+    recorded, current = meta.get("model_config"), json.loads(json.dumps(model.config.to_dict()))
+    if isinstance(recorded, dict) and recorded != current:
+        keys = sorted(k for k in {*recorded, *current} if recorded.get(k) != current.get(k))
+        problems.append(f"model config differs ({', '.join(keys)})")
     if meta.get("weights_sha256") != model.weights_sha256:
         problems.append(f"weights {str(meta.get('weights_sha256'))[:12]} != model {str(model.weights_sha256)[:12]}")
     if meta.get("scaling_factor") != model.config.scaling_factor:

@@ -45,7 +45,7 @@ def record_missing(config: RunConfig, plan: Plan) -> dict[str, str]:
     worker is sent to find out); stem -> error."""
     errors = {}
     for url in plan.missing:
-        stem, error = plan.stems[url], f"missing_shard: {url} does not exist"
+        stem, error = plan.stems[url], f"ShardError: missing_shard: {url} does not exist"
         write_json(config, failure_record(stem), {"source": url, "stem": stem, "attempts": 0, "error": error,
                                                   "failed_at": _iso(time.time())})
         errors[stem] = error

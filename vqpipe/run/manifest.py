@@ -27,12 +27,13 @@ COMPATIBILITY_KEYS = METADATA_KEYS + ("min_size", "max_pixels", "codes", "latent
 
 
 def fingerprint(metadata: dict, config: RunConfig) -> dict:
-    """The settings that decide what the output's rows mean."""
-    return {
+    """The settings that decide what the output's rows mean, as JSON reads them back (lists, not
+    tuples), so a fingerprint compares equal to the one it was written as."""
+    return json.loads(json.dumps({
         **{k: metadata[k] for k in METADATA_KEYS},
         "min_size": config.preprocess.min_size, "max_pixels": config.preprocess.max_pixels,
         "codes": config.output.codes, "latents": config.output.latents,
-    }
+    }))
 
 
 def read_manifest(config: RunConfig) -> dict | None:
