@@ -23,6 +23,7 @@ import fsspec
 from braceexpand import braceexpand
 
 from vqpipe.output import storage
+from vqpipe.output.layout import INTERNAL_DIR
 
 _WILDCARDS = re.compile(r"[*?\[]")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -156,7 +157,7 @@ def glob_reaches(pattern: str, folder: str) -> bool:
     an output folder there would read its own neighbourhood as input."""
     regex = _glob_regex(normalise_url(pattern))
     base = normalise_url(folder).rstrip("/")
-    return any(regex.fullmatch(f"{base}/{probe}") for probe in ("x.tar", "_vqpipe/x.tar", "_vqpipe/x/x.tar"))
+    return any(regex.fullmatch(f"{base}/{probe}") for probe in ("x.tar", f"{INTERNAL_DIR}/x.tar", f"{INTERNAL_DIR}/x/x.tar"))
 
 
 def _glob_regex(pattern: str) -> re.Pattern:

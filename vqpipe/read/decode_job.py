@@ -68,11 +68,13 @@ def run_decode(config: RunConfig, num_samples: int = 64, seed: int = 0, out: str
     model = (model if model is not None else load_model(config.model)).to(pick_device())
     fs, root = fsspec.core.url_to_fs(config.output.path, **config.output.storage_options)
     integrity = check_output(fs, root)
+    report = DecodeReport(checks=[_files_check(integrity)])
+    if integrity.problems and not integrity.readable:  # nothing left to decode: the damage is the report
+        write_report(out, config.output.storage_options, report)
+        return report
     sampled = sample_rows(config.output.path, config.output.storage_options, num_samples, seed,
                           files=integrity.readable)
     meta = sampled.reference_metadata()
-    report = DecodeReport()
-    report.checks.append(_files_check(integrity))
     report.checks.append(_metadata_check(sampled.metadata, model))
     schema, fit = _schema_check(sampled, meta)
     report.checks.append(schema)
@@ -347,6 +349,13 @@ def write_outputs(out: str, storage_options: dict, report: DecodeReport, table, 
     for key, image in zip(keys, recon):
         fs.pipe_file(posixpath.join(root, f"{_safe(key)}.png"), _png(Image.fromarray(image)))
     fs.pipe_file(posixpath.join(root, "grid.png"), _png(grid(keys, originals, recon)))
+    write_report(out, storage_options, report)
+
+
+def write_report(out: str, storage_options: dict, report: DecodeReport) -> None:
+    """report.json and report.html."""
+    fs, root = fsspec.core.url_to_fs(out, **storage_options)
+    fs.makedirs(root, exist_ok=True)
     # A lossless reconstruction has infinite PSNR, which strict JSON cannot hold: write null.
     samples = [{**s, "psnr": s["psnr"] if s["psnr"] is None or np.isfinite(s["psnr"]) else None}
                for s in report.samples]
