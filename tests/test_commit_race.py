@@ -102,3 +102,27 @@ def test_readers_never_see_an_attempt_file(tmp_path):
     (tmp_path / "elsewhere" / "busy.parquet").rename(attempt)
     assert list(out.rglob("*.parquet")) == [out / "done.parquet"]
     assert pq.read_table(str(out)).num_rows == 10
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_publish_a_killed_run_never_did_is_finished_by_the_next_plan(tmp_path, where):
+    """Killed between the marker and the publish: the attempt file is there, the data file is not.
+    Readers see nothing of it meanwhile; the next run's planning publishes the winner's bytes."""
+    from vqpipe.config import load_config
+    from vqpipe.output.folder import repair
+    from vqpipe.output.markers import audit
+    from runfiles import write_config
+
+    out = str(tmp_path / "out") if where == "local" else f"memory://unpublished-{tmp_path.name}"
+    writer = ShardWriter(out, "s", LAYOUT, META, {})
+    Rows(0, 7).write(writer)
+    marker = writer.commit({"source": "/in/s.tar"}).marker
+    fs, root = fsspec.core.url_to_fs(out)
+    fs.mv(f"{root}/s.parquet", f"{root}/{marker['attempt_file']}")  # undo the publish
+    checked = audit(fs, root)
+    assert checked.to_publish == {"s": f"{root}/{marker['attempt_file']}"} and checked.committed == {"s"}
+    repair(load_config(write_config(tmp_path, "demo", "x.tar", tmp_path / "unused", output={"path": out})),
+           checked, {"s"})
+    assert hashlib.sha256(fs.cat_file(f"{root}/s.parquet")).hexdigest() == marker["sha256"]
+    assert _attempt_files(out, {}) == []
+    assert set(audit(fs, root).good) == {"s"}
