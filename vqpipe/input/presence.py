@@ -25,19 +25,18 @@ _UNLISTABLE = ("http://", "https://", "pipe:")
 def missing_inputs(urls: list[str], storage_options: dict[str, Any]) -> list[str]:
     """The URLs of ``urls`` whose file is not in its parent's listing, in the order given. A folder
     that cannot be listed (no permission to list, an unlistable scheme) is not checked."""
-    groups: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
+    groups: dict[str, list[str]] = defaultdict(list)  # parent URL -> its file names
     for url in urls:
-        if url.startswith(_UNLISTABLE):
-            continue
-        fs, path = fsspec.core.url_to_fs(url, **storage_options)
-        groups[(url.split("://", 1)[0] if "://" in url else "", posixpath.dirname(path))].append((url, path))
-    missing: set[str] = set()
-    for (_, parent), members in groups.items():
-        fs, _ = fsspec.core.url_to_fs(members[0][0], **storage_options)
-        present = _listing(fs, parent)
+        if not url.startswith(_UNLISTABLE):
+            parent, _, name = url.rpartition("/")
+            groups[parent].append(name)
+    absent: set[str] = set()
+    for parent, names in groups.items():
+        fs, path = fsspec.core.url_to_fs(f"{parent}/{names[0]}", **storage_options)
+        present = _listing(fs, posixpath.dirname(path))
         if present is not None:
-            missing.update(url for url, path in members if fs._strip_protocol(path) not in present)
-    return [u for u in urls if u in missing]
+            absent.update(f"{parent}/{n}" for n in names if n not in present)
+    return [u for u in urls if u in absent]
 
 
 def _listing(fs, parent: str) -> set[str] | None:
@@ -49,4 +48,4 @@ def _listing(fs, parent: str) -> set[str] | None:
     except OSError as err:  # e.g. list permission denied while reads are allowed: let the workers find out
         log.info("cannot list %s to check the input shards there (%s): not checked", parent, err)
         return None
-    return {fs._strip_protocol(i["name"]) for i in found if i.get("type") != "directory"}
+    return {posixpath.basename(i["name"].rstrip("/")) for i in found if i.get("type") != "directory"}

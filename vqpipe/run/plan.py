@@ -51,13 +51,15 @@ def make_plan(config: RunConfig, limit_shards: int | None = None) -> Plan:
     checked = audit(fs, root)
     _refuse_foreign(config, checked)
     stems = _stems(expanded.urls, checked)
-    committed = {stems[u] for u in expanded.urls if stems[u] in checked.committed}
+    standing = checked.committed
+    committed = {stems[u] for u in expanded.urls if stems[u] in standing}
     pending = [u for u in expanded.urls if stems[u] not in committed]
     missing = missing_inputs(pending, config.input.storage_options)
     if missing and len(missing) == len(pending) and not committed:
         raise ConfigError(f"input.urls: none of the {len(missing)} input shards exists "
                           f"(first: {', '.join(missing[:3])})")
-    pending = [u for u in pending if u not in set(missing)]
+    absent = set(missing)
+    pending = [u for u in pending if u not in absent]
     if limit_shards is not None:
         pending = pending[:limit_shards]
     return Plan(expanded.urls, stems, committed, pending, missing, expanded.passed_over, checked)
