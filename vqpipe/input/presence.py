@@ -42,10 +42,11 @@ def missing_inputs(urls: list[str], storage_options: dict[str, Any]) -> list[str
 def _listing(fs, parent: str) -> set[str] | None:
     fs.invalidate_cache(parent)
     try:
-        found = retry.call(lambda: fs.ls(parent, detail=True), f"list {parent}")
+        # Names only: a detailed local listing stats every file, and a folder is no shard anyway.
+        found = retry.call(lambda: fs.ls(parent, detail=False), f"list {parent}")
     except (FileNotFoundError, NotADirectoryError):
         return set()
     except OSError as err:  # e.g. list permission denied while reads are allowed: let the workers find out
         log.info("cannot list %s to check the input shards there (%s): not checked", parent, err)
         return None
-    return {posixpath.basename(i["name"].rstrip("/")) for i in found if i.get("type") != "directory"}
+    return {posixpath.basename(name.rstrip("/")) for name in found}
