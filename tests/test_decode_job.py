@@ -264,3 +264,13 @@ def test_damaged_files_are_named_and_fail_without_a_traceback(encoded, tmp_path,
     assert f"{deleted}: {deleted.name} is missing" in files["figure"]
     assert f"{cut}: unreadable Parquet" in files["figure"]
     assert "FAILED files" in capsys.readouterr().out
+
+
+def test_another_model_config_is_a_metadata_problem(tiny_model_path):
+    """Same weights, another architecture setting: `decode` must not say "metadata ok"."""
+    model = VQModel.from_pretrained(tiny_model_path)
+    meta = {"weights_sha256": model.weights_sha256, "scaling_factor": model.config.scaling_factor,
+            "model_config": json.loads(json.dumps(model.config.to_dict()))}
+    assert decode_job._metadata_problems(meta, model) == []
+    meta["model_config"]["norm_num_groups"] = 1 + meta["model_config"]["norm_num_groups"]
+    assert decode_job._metadata_problems(meta, model) == ["model config differs (norm_num_groups)"]
