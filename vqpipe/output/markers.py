@@ -140,7 +140,8 @@ def _check(result: Audit, root: str, stem: str, marker: dict) -> None:
     if size is not None and (recorded is None or size == recorded):
         result.good[stem] = marker
         return
-    attempt = posixpath.join(root, marker["attempt_file"]) if marker.get("attempt_file") else None
+    named = marker.get("attempt_file")
+    attempt = posixpath.join(root, named) if isinstance(named, str) and named else None
     if attempt in result.attempts and (recorded is None or int(result.attempts[attempt]["size"]) == recorded):
         result.to_publish[stem] = attempt
     elif size is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import posixpath
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -121,6 +122,7 @@ class _BufferedAtomic:
 
     def commit(self) -> None:
         data = self.file.getvalue()
+        ensure_parent(self.fs, self.path)
         retry.call(lambda: self.fs.pipe_file(self.path, data), f"write {self.path}")
 
     def discard(self) -> None:
@@ -141,6 +143,7 @@ def write_create_only(fs: AbstractFileSystem, path: str, data: bytes) -> bool:
     """
     if is_local(fs):
         return _link_create_only(path, data)
+    ensure_parent(fs, path)
     calls = 0
 
     def create() -> None:
@@ -178,6 +181,14 @@ def fsync_dir(folder: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def ensure_parent(fs: AbstractFileSystem, path: str) -> None:
+    """Create the folder ``path`` goes in, where folders exist (a wrapped local filesystem, SFTP...):
+    a ``pipe_file`` there fails under a missing folder. Object stores have no folders."""
+    if not is_object_store(fs):
+        parent = posixpath.dirname(path)
+        retry.call(lambda: fs.makedirs(parent, exist_ok=True), f"mkdir {parent}")
 
 
 def is_object_store(fs: AbstractFileSystem) -> bool:
