@@ -321,8 +321,13 @@ def test_create_only_write_whose_answer_was_lost_still_wins():
     class LostAnswer:
         """Writes, then reports a dropped connection, once."""
 
+        protocol = "memory"
+
         def __init__(self):
             self.memory, self.calls = fsspec.filesystem("memory"), 0
+
+        def makedirs(self, path, exist_ok=False):
+            self.memory.makedirs(path, exist_ok=exist_ok)
 
         def pipe_file(self, path, data, mode="overwrite"):
             self.calls += 1
