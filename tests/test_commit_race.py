@@ -11,8 +11,10 @@ import hashlib
 import json
 import threading
 
+import duckdb
 import fsspec
 import numpy as np
+import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
@@ -90,9 +92,9 @@ def test_s3_marker_records_the_etag(s3_bucket):  # noqa: F811
     assert marker["attempt_file"] == layout.attempt_file("s", writer.attempt)
 
 
-def test_readers_never_see_an_attempt_file(tmp_path):
-    """An attempt whose marker a killed worker never wrote: no reader of the folder, recursive
-    globs included, sees it."""
+def test_readers_never_see_an_attempt_file(tmp_path, monkeypatch):
+    """An attempt whose marker a killed worker never wrote: no reader of the folder (pyarrow, polars,
+    duckdb, HF datasets), recursive globs included, sees it."""
     out = tmp_path / "out"
     for folder, stem in ((out, "done"), (tmp_path / "elsewhere", "busy")):
         writer = ShardWriter(str(folder), stem, LAYOUT, META, {})
@@ -102,6 +104,16 @@ def test_readers_never_see_an_attempt_file(tmp_path):
     (tmp_path / "elsewhere" / "busy.parquet").rename(attempt)
     assert list(out.rglob("*.parquet")) == [out / "done.parquet"]
     assert pq.read_table(str(out)).num_rows == 10
+    assert pl.read_parquet(f"{out}/*.parquet").height == 10
+    assert pl.read_parquet(f"{out}/**/*.parquet").height == 10
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/**/*.parquet')").fetchall() == [(10,)]
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    ds = datasets.load_dataset("parquet", data_files=f"{out}/**/*.parquet", split="train", cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == 10
 
 
 @pytest.mark.parametrize("where", ["local", "memory"])
