@@ -4,6 +4,7 @@ computation, and failing checks that name the offending file and key."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -59,6 +60,10 @@ def encode(tmp: Path, inputs: Path, model_setup, shards: str = "shard-*.tar", **
     return config, out
 
 
+def data_file(folder: Path, shard: int) -> Path:
+    return next(folder.glob(f"shard-{shard:05d}-*.parquet"))
+
+
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory, inputs, model_setup) -> tuple[Path, Path]:
     return encode(tmp_path_factory.mktemp("decode"), inputs, model_setup)
@@ -96,7 +101,7 @@ def test_report_files_and_psnr_match_an_independent_computation(encoded, inputs,
     code, report = decode(config, out, tmp_path / "report")
     assert code == 0, report["checks"]
     assert {c["name"]: c["ok"] for c in report["checks"]} == {
-        "metadata": True, "schema": True, "lineage": True, "consistency": True, "psnr": True}
+        "files": True, "metadata": True, "schema": True, "lineage": True, "consistency": True, "psnr": True}
     keys = [s["key"] for s in report["samples"]]
     assert sorted(keys) == [f"{s:03d}{i:03d}" for s in range(2) for i in range(3)]
     for name in ["report.json", "report.html", "grid.png", *(f"{k}.png" for k in keys)]:
@@ -119,12 +124,13 @@ def test_report_shows_what_the_run_skipped_by_reason_with_keys(encoded, tmp_path
     # make_shards puts one sample without an image in each of the 2 shards: 000999 and 001999.
     (no_image,) = report["run_failures"]["samples"]
     assert no_image["reason"] == "no_image" and no_image["count"] == 2
-    assert [(e["stem"], e["key"]) for e in no_image["examples"]] == [("shard-00000", "000999"),
-                                                                     ("shard-00001", "001999")]
+    # stems are the shard's name and a hash of its URL
+    assert [(e["stem"].rsplit("-", 1)[0], e["key"]) for e in no_image["examples"]] == [("shard-00000", "000999"),
+                                                                                       ("shard-00001", "001999")]
     assert report["run_failures"]["shards"] == []
     page = (tmp_path / "report" / "report.html").read_text()
     assert "Not encoded by the run: 2 samples (no_image 2), 0 shards" in page
-    assert "shard-00000: 000999" in page and "shard-00001: 001999" in page
+    assert re.search(r"shard-00000-[0-9a-f]{8}: 000999", page) and re.search(r"shard-00001-[0-9a-f]{8}: 001999", page)
     assert "not encoded by the run: 2 samples (no_image 2), 0 shards" in capsys.readouterr().out
 
 
@@ -166,14 +172,15 @@ def test_out_of_range_code_fails_naming_file_and_key(encoded, tmp_path, capsys, 
     config, out = encoded
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
-    target = copy / "shard-00001.parquet"
+    target = data_file(copy, 1)
     codebook = json.loads(pq.read_schema(target).metadata[b"vqpipe"])["num_vq_embeddings"]
     key = corrupt_one_code(target, 1, codebook)  # fits the uint16 column, not the codebook
     capsys.readouterr()
     code, report = decode(config, copy, tmp_path / "report", "--num-samples", num_samples)
     assert code == 1
     printed = capsys.readouterr().out
-    failed = [line for line in printed.splitlines() if line.startswith("FAILED")]
+    # the rewritten file no longer matches its commit marker ("FAILED files"); the rows are the point here
+    failed = [line for line in printed.splitlines() if line.startswith("FAILED") and "FAILED files" not in line]
     assert len(failed) == 1 and "schema" in failed[0]  # the other rows still decode and pass
     assert str(target) in failed[0] and key in failed[0] and f"code {codebook} outside" in failed[0]
     decoded = {"100": 5, "1": 1}[num_samples]  # with 1 sample the bad row is not drawn: the footers find it
@@ -184,7 +191,7 @@ def test_a_file_with_other_columns_is_named_and_left_out(encoded, tmp_path):
     config, out = encoded
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
-    target = copy / "shard-00001.parquet"
+    target = data_file(copy, 1)
     table = pq.read_table(target)
     latents = fixed_list_to_numpy(table.column("latents")).astype(np.float16)  # the output holds float32
     field = pa.field("latents", to_fixed_list_array(latents, pa.float16()).type, nullable=False)
@@ -195,19 +202,19 @@ def test_a_file_with_other_columns_is_named_and_left_out(encoded, tmp_path):
     schema = next(c for c in report["checks"] if c["name"] == "schema")
     assert code == 1 and not schema["ok"]
     assert f"{target}: columns differ" in schema["figure"] and "halffloat" in schema["figure"]
-    assert {s["file"] for s in report["samples"]} == {str(copy / "shard-00000.parquet")}
+    assert {s["file"] for s in report["samples"]} == {str(data_file(copy, 0))}
 
 
 def test_without_latents_skips_the_consistency_check(tmp_path, inputs, model_setup):
     config, out = encode(tmp_path, inputs, model_setup, "shard-00000.tar", latents=False)
-    assert "latents" not in pq.read_schema(out / "shard-00000.parquet").names
+    assert "latents" not in pq.read_schema(data_file(out, 0)).names
     code, report = decode(config, out, tmp_path / "report")
-    assert code == 0 and [c["name"] for c in report["checks"]] == ["metadata", "schema", "lineage", "psnr"]
+    assert code == 0 and [c["name"] for c in report["checks"]] == ["files", "metadata", "schema", "lineage", "psnr"]
 
 
 def test_without_codes_decodes_from_latents(tmp_path, inputs, model_setup, encoded):
     config, out = encode(tmp_path, inputs, model_setup, "shard-00000.tar", codes=False)
-    assert "codes" not in pq.read_schema(out / "shard-00000.parquet").names
+    assert "codes" not in pq.read_schema(data_file(out, 0)).names
     code, report = decode(config, out, tmp_path / "report")
     assert code == 0 and "consistency" not in [c["name"] for c in report["checks"]]
     _, from_codes = decode(encoded[0], encoded[1], tmp_path / "from-codes")
@@ -224,18 +231,19 @@ def test_a_missing_source_shard_fails_lineage_naming_keys(encoded, inputs, tmp_p
     moved = tmp_path / "in"
     shutil.copytree(inputs, moved)
     (moved / "shard-00000.tar").unlink()
-    table = pq.read_table(out / "shard-00000.parquet")
+    table = pq.read_table(data_file(out, 0))
     sources = pa.array([str(moved / "shard-00000.tar")] * table.num_rows)
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     pq.write_table(table.set_column(table.schema.get_field_index("source"), table.schema.field("source"), sources),
-                   copy / "shard-00000.parquet")
+                   data_file(copy, 0))
     code, report = decode(config, copy, tmp_path / "report")
     assert code == 1
     lineage = next(c for c in report["checks"] if c["name"] == "lineage")
-    assert not lineage["ok"] and str(copy / "shard-00000.parquet") in lineage["figure"]
+    assert not lineage["ok"] and str(data_file(copy, 0)) in lineage["figure"]
     assert "000000" in lineage["figure"] and "missing_shard" in lineage["figure"]
-    assert all(c["ok"] for c in report["checks"] if c["name"] != "lineage")
+    # the test rewrote that file, so it no longer matches its commit marker: the files check says so
+    assert all(c["ok"] for c in report["checks"] if c["name"] not in ("lineage", "files"))
 
 
 def test_code_range_check_reads_only_suspect_row_groups(tmp_path, monkeypatch):
@@ -291,3 +299,29 @@ def test_on_a_cluster_with_gpus_the_decoder_runs_on_a_gpu_worker(encoded, tmp_pa
     # may round the other way (1e-3 dB is ~0.02% of the MSE).
     assert [s["psnr"] for s in remote["samples"]] == pytest.approx([s["psnr"] for s in local["samples"]], abs=1e-3)
     assert isinstance(gpu_reconstruct(load_config(config, ["ray.address=auto"])), GpuReconstruct)
+def test_damaged_files_are_named_and_fail_without_a_traceback(encoded, tmp_path, capsys):
+    """A data file deleted with its marker kept and one cut short: both named, exit 1, and the rest
+    of the output still decodes."""
+    config, out = encoded
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    deleted, cut = data_file(copy, 0), data_file(copy, 1)
+    deleted.unlink()
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    code, report = decode(config, copy, tmp_path / "report")
+    files = next(c for c in report["checks"] if c["name"] == "files")
+    assert code == 1 and not files["ok"]
+    assert f"{deleted}: {deleted.name} is missing" in files["figure"]
+    assert f"{cut}: unreadable Parquet" in files["figure"]
+    assert "FAILED files" in capsys.readouterr().out
+
+
+def test_another_model_config_is_a_metadata_problem(tiny_model_path):
+    """Same weights, another architecture setting: `decode` must not say "metadata ok"."""
+    model = VQModel.from_pretrained(tiny_model_path)
+    meta = {"weights_sha256": model.weights_sha256, "scaling_factor": model.config.scaling_factor,
+            "model_config": json.loads(json.dumps(model.config.to_dict()))}
+    assert decode_job._metadata_problems(meta, model) == []
+    meta["model_config"]["norm_num_groups"] = 1 + meta["model_config"]["norm_num_groups"]
+    assert decode_job._metadata_problems(meta, model) == ["model config differs (norm_num_groups)"]

@@ -25,7 +25,7 @@ from vqpipe.config import load_config
 from vqpipe.output.layout import marker_path
 from vqpipe.output.sink import committed_stems, read_marker
 from vqpipe.read.inspect import inspect_output
-from vqpipe.input.urls import expand_urls
+from vqpipe.input.urls import expand_urls, shard_stem
 
 # One cached filesystem instance for all calls, so its fault generator runs on instead of restarting.
 FAULTS = {"target_protocol": "memory", "rate": 0.3, "seed": 11}
@@ -60,7 +60,8 @@ def _seed(prefix: str, shards: int, committed: list[int]) -> None:
         memory.pipe_file(f"{prefix}/in/shard-{i:05d}.tar", b"tar")
     for i in committed:
         memory.pipe_file(f"{prefix}/out/shard-{i:05d}.parquet", b"data")
-        memory.pipe_file(marker_path(f"{prefix}/out", f"shard-{i:05d}"), json.dumps({"rows": i}).encode())
+        marker = {"rows": i, "source": f"faulty://{prefix}/in/shard-{i:05d}.tar"}
+        memory.pipe_file(marker_path(f"{prefix}/out", f"shard-{i:05d}"), json.dumps(marker).encode())
 
 
 def test_plan_sees_every_shard_and_every_marker_despite_faults(tmp_path, prefix):
@@ -70,8 +71,10 @@ def test_plan_sees_every_shard_and_every_marker_despite_faults(tmp_path, prefix)
         config = _config(tmp_path, prefix, f"faulty://{prefix}/in/shard-*.tar")
         p = plan.make_plan(config)
         assert len(p.urls) == 12
+        # Committed under vqpipe 0.1's stems, recognised by the source their markers record.
         assert p.committed == {"shard-00000", "shard-00003", "shard-00004", "shard-00009"}
-        assert [p.stems[u] for u in p.pending] == [f"shard-{i:05d}" for i in (1, 2, 5, 6, 7, 8, 10, 11)]
+        assert [p.stems[u] for u in p.pending] == [shard_stem(f"faulty://{prefix}/in/shard-{i:05d}.tar")
+                                                   for i in (1, 2, 5, 6, 7, 8, 10, 11)]
     assert sum(faultyfs.FaultyFileSystem.injected.values()) > before  # the faults did happen
 
 
@@ -93,7 +96,7 @@ def test_markers_read_and_overwrite_clears_despite_faults(tmp_path, prefix):
     out = f"faulty://{prefix}/out"
     for _ in range(5):
         assert committed_stems(out, FAULTS) == {"shard-00001", "shard-00002", "shard-00005"}
-        assert read_marker(out, "shard-00002", FAULTS) == {"rows": 2}
+        assert read_marker(out, "shard-00002", FAULTS)["rows"] == 2
         assert read_marker(out, "shard-00003", FAULTS) is None
     folder.remove_output(_config(tmp_path, prefix, f"faulty://{prefix}/in/shard-00000.tar"))
     memory = fsspec.filesystem("memory")

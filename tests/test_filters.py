@@ -177,7 +177,7 @@ def test_bad_aspect_ratio_is_refused(tmp_path):
 
 
 def test_filters_are_part_of_the_fingerprint(tmp_path):
-    metadata = {"weights_sha256": "abc", "scaling_factor": 1.0, "codes_shape": [4, 4], "latent_shape": [4, 4, 4],
+    metadata = {"weights_sha256": "abc", "model_config": {"norm_num_groups": 8}, "scaling_factor": 1.0, "codes_shape": [4, 4], "latent_shape": [4, 4, 4],
                 "latent_dtype": "float16", "resolution": 32, "value_range": [-1.0, 1.0], "image_keys": ["jpg"]}
     before = {"fingerprint": manifest.fingerprint(metadata, _config(tmp_path, RULES))}
     assert manifest.incompatibilities(before, manifest.fingerprint(metadata, _config(tmp_path, RULES))) == []

@@ -66,11 +66,12 @@ def test_quick_start_is_two_commands_with_the_cpu_build_of_torch():
 def test_quick_start_files_exist_after_the_demo_run_and_decode(demo_run, decoded):
     prose = section("## Quick start")
     paths = set(re.findall(r"`(out/demo/[^`]*)`", prose))
-    assert "out/demo/demo-0000{0..3}.parquet" in paths and "out/demo/_vqpipe/run.json" in paths
+    assert "out/demo/demo-0000{0..3}-{hash}.parquet" in paths and "out/demo/_vqpipe/run.json" in paths
     for path in paths:
         expanded = [path.replace("{0..3}", str(i)) for i in range(4)] if "{0..3}" in path else [path]
         for item in expanded:
-            assert (demo_run.out / Path(item).relative_to("out/demo")).exists(), item
+            pattern = str(Path(item).relative_to("out/demo")).replace("{hash}", "[0-9a-f]" * 8)
+            assert len(list(demo_run.out.glob(pattern))) == 1 or (demo_run.out / pattern).exists(), item
     report_files = re.search(r"decode report\s+\((.*?)\)\s+under\s+`out/demo/_vqpipe/decode/`", prose, flags=re.S).group(1)
     names = re.findall(r"`([\w.]+\.(?:png|html|json))`", report_files)
     assert {"grid.png", "report.html", "report.json"} <= set(names)

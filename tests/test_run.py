@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -11,6 +12,7 @@ import pytest
 import shardfactory as sf
 from vqpipe import cli, faults
 from vqpipe.config import load_config
+from vqpipe.input.urls import shard_stem
 from vqpipe.run.driver import ShardWorker, worker_shape
 from runfiles import make_shards, slow_driver, write_config, written_keys
 
@@ -101,17 +103,20 @@ def test_bad_shards_fail_after_retries_and_rerun_retries_only_them(tmp_path, tin
     config = write_config(tmp_path, tiny_model_path, str(tmp_path / "in" / "shard-{00000..00004}.tar"), out,
                           ray={"max_retries": 2})
     assert cli.main(["run", str(config)]) == 1
-    failed = {p.stem: json.loads(p.read_text()) for p in (out / "_vqpipe" / "failed").glob("*.json")}
+    failed = {Path(r["source"]).stem: r for p in (out / "_vqpipe" / "failed").glob("*.json")
+              for r in [json.loads(p.read_text())]}
     assert set(failed) == {"shard-00003", "shard-00004"}
-    assert "truncated_tar" in failed["shard-00003"]["error"] and failed["shard-00004"]["attempts"] == 2
-    assert "missing_shard" in failed["shard-00004"]["error"]
+    assert "truncated_tar" in failed["shard-00003"]["error"] and failed["shard-00003"]["attempts"] == 2
+    # found missing at planning, from one listing of the folder: recorded at once, no worker sent
+    assert "missing_shard" in failed["shard-00004"]["error"] and failed["shard-00004"]["attempts"] == 0
     committed = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
     assert len(committed) == 3
     make_shards(tmp_path / "fix", 1, prefix="x")
     (tmp_path / "fix" / "x-00000.tar").rename(tmp_path / "in" / "shard-00004.tar")
     assert cli.main(["run", str(config)]) == 1  # the truncated shard still fails
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet") if p.name in committed} == committed
-    assert (out / "shard-00004.parquet").exists() and not (out / "_vqpipe" / "failed" / "shard-00004.json").exists()
+    stem = shard_stem(str(tmp_path / "in" / "shard-00004.tar"))
+    assert (out / f"{stem}.parquet").exists() and not (out / "_vqpipe" / "failed" / f"{stem}.json").exists()
 
 
 @pytest.mark.parametrize("override, words", [
@@ -160,7 +165,7 @@ def test_refuses_to_mix_models_unless_overwrite(tmp_path, tiny_model_path, capsy
     assert cli.main(["run", str(config), f"model.path={other}"]) == 2
     assert "weights_sha256" in capsys.readouterr().err
     assert cli.main(["run", str(config), f"model.path={other}", "--overwrite"]) == 0
-    meta = json.loads(pq.read_schema(out / "shard-00000.parquet").metadata[b"vqpipe"])
+    meta = json.loads(pq.read_schema(next(out.glob("*.parquet"))).metadata[b"vqpipe"])
     assert meta["weights_sha256"] == VQModel.from_pretrained(str(other)).weights_sha256
 
 

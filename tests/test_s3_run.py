@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import logging
 import os
 import subprocess
@@ -37,6 +38,7 @@ from vqpipe.encode.encoder import TokenEncoder
 from vqpipe.model.loading import load_model
 from vqpipe.records import ShardError
 from vqpipe.run.shard_job import make_settings, process_shard
+from vqpipe.input.urls import shard_stem
 from vqpipe.output.sink import committed_stems, read_marker
 
 TESTS = Path(__file__).parent
@@ -54,12 +56,13 @@ def upload(bucket, folder: Path, prefix: str) -> None:
 
 
 def tables_by_stem(url: str, options: dict) -> dict[str, object]:
+    """Tables by shard name: the stem without the hash of its URL, which differs between stores."""
     fs, root = fsspec.core.url_to_fs(url, **options)
     fs.invalidate_cache(root)
     out = {}
     for path in sorted(fs.glob(f"{root}/*.parquet")):
         with fs.open(path, "rb") as f:
-            out[Path(path).stem] = pq.read_table(f)
+            out[re.sub(r"-[0-9a-f]{8}$", "", Path(path).stem)] = pq.read_table(f)
     return out
 
 
@@ -128,7 +131,8 @@ def _s3_run(tmp: Path, tiny_model_path: str) -> S3Run:
     encoder, job = _job(tiny_model_path, str(tmp / "reference"), {}, batch_size=2)
     with ThreadPoolExecutor(1) as pool:
         for s in range(3):
-            process_shard(str(tmp / "in" / f"shard-{s:05d}.tar"), f"shard-{s:05d}", job, encoder, pool)
+            url = str(tmp / "in" / f"shard-{s:05d}.tar")
+            process_shard(url, shard_stem(url), job, encoder, pool)
     return S3Run(bucket, options, config, out, keys, tables_by_stem(str(tmp / "reference"), {}), codes, stdout,
                  printed, (SECRET, ENV_SECRET))
 
@@ -169,9 +173,10 @@ def test_s3_run_writes_what_a_local_run_writes(s3_run):
         assert set(table.column("source").to_pylist()) == {f"{s3_run.bucket.url}/in/{stem}.tar"}
     got = [k for t in remote.values() for k in t.column("key").to_pylist()]
     assert sorted(got) == sorted(s3_run.keys) and len(got) == len(set(got))
-    assert committed_stems(s3_run.out, s3_run.options) == set(remote)
-    assert read_marker(s3_run.out, "shard-00001", s3_run.options)["failures_by_reason"] == {"no_image": 1}
-    failed = json.loads(_get(s3_run.bucket, "out/_vqpipe/failed/shard-00003.json"))
+    assert {re.sub(r"-[0-9a-f]{8}$", "", s) for s in committed_stems(s3_run.out, s3_run.options)} == set(remote)
+    stem = shard_stem(f"{s3_run.bucket.url}/in/shard-00001.tar")
+    assert read_marker(s3_run.out, stem, s3_run.options)["failures_by_reason"] == {"no_image": 1}
+    failed = json.loads(_get(s3_run.bucket, f"out/_vqpipe/failed/{shard_stem(f'{s3_run.bucket.url}/in/shard-00003.tar')}.json"))
     assert "truncated_tar" in failed["error"] and failed["attempts"] == 2
     assert s3_run.bucket.client.list_multipart_uploads(Bucket=s3_run.bucket.name).get("Uploads", []) == []
     manifest = json.loads(_get(s3_run.bucket, "out/_vqpipe/run.json"))
@@ -308,8 +313,13 @@ def test_create_only_write_whose_answer_was_lost_still_wins():
     class LostAnswer:
         """Writes, then reports a dropped connection, once."""
 
+        protocol = "memory"
+
         def __init__(self):
             self.memory, self.calls = fsspec.filesystem("memory"), 0
+
+        def makedirs(self, path, exist_ok=False):
+            self.memory.makedirs(path, exist_ok=exist_ok)
 
         def pipe_file(self, path, data, mode="overwrite"):
             self.calls += 1
@@ -392,7 +402,8 @@ def test_cli_run_on_faulty_storage_completes_exactly_once(tmp_path, tiny_model_p
     out = tmp_path / "out"
     got = written_keys(out)
     assert sorted(got) == sorted(keys) and len(got) == len(set(got))
-    failed = json.loads((out / "_vqpipe" / "failed" / "shard-00004.json").read_text())
+    stem = shard_stem(f"faulty://{tmp_path}/in/shard-00004.tar")
+    failed = json.loads((out / "_vqpipe" / "failed" / f"{stem}.json").read_text())
     assert "read_error" in failed["error"] and failed["attempts"] == 2
     lines = log.read_text().splitlines()
     transient = [line for line in lines if "shard-00004" not in line]

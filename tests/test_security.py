@@ -24,6 +24,7 @@ import yaml
 from s3server import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
 from runfiles import make_shards, write_config
 from test_s3_run import S3Run, s3_run, upload  # noqa: F401  (s3_run is a fixture)
+from vqpipe.input.urls import shard_stem
 from vqpipe import VQModel, cli
 from vqpipe.config import load_config
 
@@ -138,7 +139,8 @@ def test_no_environment_credentials_in_a_subprocess_run(tmp_path, tiny_model_pat
                          timeout=300)
     assert run.returncode == 1, run.stderr[-3000:]
     written = bucket_objects(s3_bucket)
-    assert "out/_vqpipe/failed/shard-00002.json" in written and "out/shard-00001.parquet" in written
+    failed, committed = (shard_stem(f"{s3_bucket.url}/in/shard-{i:05d}.tar") for i in (2, 1))
+    assert f"out/_vqpipe/failed/{failed}.json" in written and f"out/{committed}.parquet" in written
     assert b"corrupt_tar" in run.stderr
     blobs = {**written, **files_under(ray_tmp), "stdout": run.stdout, "stderr": run.stderr}
     assert len(blobs) > 20

@@ -1,7 +1,8 @@
 """``vqpipe`` command line: validates everything at the edge, then hands typed objects inward.
 
 Exit status: 0 all shards committed; 1 some shards failed (or the misconfiguration guard
-stopped the run); 2 usage or config error, with nothing written and no Ray started.
+stopped the run; for ``inspect`` and ``decode``: a file that does not match its commit marker);
+2 usage or config error, with nothing written and no Ray started.
 """
 
 from __future__ import annotations
@@ -127,6 +128,8 @@ def _inspect_parser(sub) -> None:
                              epilog="example: vqpipe inspect out/demo", formatter_class=_HelpFormatter)
     inspect.add_argument("output", help="output folder, local or fsspec URL")
     inspect.add_argument("--json", action="store_true", help="print the figures as JSON")
+    inspect.add_argument("--verify", action="store_true",
+                         help="also check every data file's sha256 against its commit marker (reads every byte)")
     inspect.add_argument("--storage-options", default="{}", metavar="JSON",
                          help='fsspec options for reading the output, as JSON: \'{"anon": true}\'')
     inspect.set_defaults(func=cmd_inspect)
@@ -154,7 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.config is None:
         raise ConfigError("vqpipe run needs a config file: vqpipe run CONFIG.yaml (see configs/)")
     from vqpipe.encode.precision import resolve_for
-    from vqpipe.output.folder import remove_output
+    from vqpipe.output.folder import ensure_writable, remove_output, repair
     from vqpipe.run import manifest
     from vqpipe.run.execute import execute, nothing_to_do
     from vqpipe.run.plan import make_plan
@@ -168,17 +171,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = make_settings(config.input, config.preprocess, config.output, model, precision, config.model.audit_samples)
     fingerprint = manifest.fingerprint(job.metadata, config)
     plan = make_plan(config, args.limit_shards)
-    conflicts = manifest.incompatibilities(manifest.read_manifest(config), fingerprint)
+    conflicts = manifest.incompatibilities(manifest.recorded(config, plan.audit), fingerprint)
     if conflicts and not args.overwrite and not args.dry_run:
         raise ConfigError(f"{config.output.path} holds tokens from another model or preprocessing "
                           f"({'; '.join(conflicts)}); use another output.path, or --overwrite to discard them")
     if args.dry_run:
         print(_plan_text(config, plan, job, conflicts))
         return EXIT_OK
+    ensure_writable(config)  # before anything is written or Ray starts
     if conflicts:
         remove_output(config)
         plan = make_plan(config, args.limit_shards)
-    if not plan.pending:
+    _report_damage(plan)
+    repair(config, plan.audit, set(plan.stems.values()))
+    if not plan.pending and not plan.missing:
         print(nothing_to_do(config, plan))
         return EXIT_OK
     outcome = execute(config, plan, job, fingerprint)
@@ -186,6 +192,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"vqpipe: {outcome.aborted}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_FAILED if outcome.failed else EXIT_OK
+
+
+def _report_damage(plan) -> None:
+    """Every committed shard whose files do not hold, and every unreadable marker, by name."""
+    for stem, why in plan.redo.items():
+        log.warning("committed shard %s is damaged: %s: redoing it", stem, why)
+    for stem, why in plan.audit.problems.items():
+        if stem not in plan.redo:
+            log.warning("committed shard %s (not in this run's input) is damaged: %s", stem, why)
+    for path, why in plan.audit.unreadable.items():
+        log.warning("commit marker %s is unreadable (%s): treated as absent", path, why)
+    if plan.missing:
+        log.warning("%d of %d input shards do not exist (first: %s): recorded as missing_shard failures",
+                    len(plan.missing), plan.total, ", ".join(plan.missing[:3]))
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
@@ -221,11 +241,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not isinstance(options, dict):
         raise ConfigError(f"--storage-options must be a JSON object, got {args.storage_options!r}")
     try:
-        stats = inspect_output(args.output, options)
+        stats = inspect_output(args.output, options, verify=args.verify)
     except (FileNotFoundError, NotTokenOutput) as err:
         raise ConfigError(str(err)) from None
     print(json.dumps(stats.to_dict(), indent=2) if args.json else format_text(stats))
-    return EXIT_OK
+    for problem in stats.problems:
+        print(f"vqpipe: {problem}", file=sys.stderr)
+    return EXIT_FAILED if stats.problems else EXIT_OK
 
 
 def _cluster_decoder(config: RunConfig):
@@ -277,7 +299,10 @@ def _plan_text(config: RunConfig, plan, job, conflicts: list[str]) -> str:
     meta = job.metadata
     lines = {
         "shards": plan.total, "committed": len(plan.committed), "pending (this run)": len(plan.pending),
-        "first pending": plan.pending[:3], "model": config.model.path, "weights_sha256": meta["weights_sha256"],
+        "first pending": plan.pending[:3], "missing inputs": len(plan.missing),
+        "non-tar files passed over by globs": plan.passed_over,
+        "damaged (redone)": [f"{s}: {why}" for s, why in plan.redo.items()] or "none",
+        "unreadable markers (treated as absent)": list(plan.audit.unreadable) or "none", "model": config.model.path, "weights_sha256": meta["weights_sha256"],
         "codebook": meta["num_vq_embeddings"], "token grid": "x".join(map(str, meta["codes_shape"])),
         "latent shape": meta["latent_shape"], "precision": meta["precision"], "output": config.output.path,
         "conflicts with existing output": conflicts or "none",

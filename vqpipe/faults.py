@@ -1,7 +1,8 @@
 """Fault injection for the crash tests (kill a worker mid-shard), off unless ``VQPIPE_FAULTS`` is set.
 
 ``VQPIPE_FAULTS`` holds JSON: ``[{"stem": "shard-0001", "after_batches": 1, "action": "exit",
-"once": "/tmp/flag"}]``. ``action`` is ``exit`` (``os._exit``: the process dies as if killed), ``raise``,
+"once": "/tmp/flag"}]``; ``stem`` is a shard's whole stem or its file-name part (``shard-0001`` for
+``shard-0001-1b2c3d4e``). ``action`` is ``exit`` (``os._exit``: the process dies as if killed), ``raise``,
 or ``sleep`` (for ``seconds``: a straggler). With ``once``, the fault fires only for the attempt that creates that file, so the
 retry succeeds.
 
@@ -30,7 +31,7 @@ def _faults(raw: str) -> tuple[dict, ...]:
 
 def after_batch(stem: str, batches_done: int) -> None:
     for fault in _faults(os.environ.get(ENV, "")):
-        if fault.get("stem") == stem and fault.get("after_batches") == batches_done and _claim(fault.get("once")):
+        if fault.get("stem") in (stem, stem.rsplit("-", 1)[0]) and fault.get("after_batches") == batches_done and _claim(fault.get("once")):
             action = fault.get("action", "exit")
             if action == "exit":
                 os._exit(137)

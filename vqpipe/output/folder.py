@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+import uuid
 
-from vqpipe.config import RunConfig
+from vqpipe.config import ConfigError, RunConfig
 from vqpipe.output import retry, storage
-from vqpipe.output.layout import FAILED_DIR, MARKER_DIR
+from vqpipe.output.layout import ATTEMPT_DIR, FAILED_DIR, INTERNAL_DIR, MARKER_DIR
+from vqpipe.output.markers import Audit, audit
+from vqpipe.output.ownership import owned_data_files
+from vqpipe.output.promote import promote, stale_attempts
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +48,54 @@ def remove_json(config: RunConfig, relative: str) -> None:
 
 
 def remove_output(config: RunConfig) -> None:
-    """``--overwrite``: drop committed data, markers and failure records before starting again."""
+    """``--overwrite``: drop what vqpipe's own records name -- commit markers, failure records,
+    attempts, and the data files a marker names or whose metadata is vqpipe's -- and nothing else."""
     fs, root = storage.filesystem(config.output.path, config.output.storage_options)
     fs.invalidate_cache(root)
+    checked = audit(fs, root)
     # File by file from listings that fail loudly (a recursive rm lists through fsspec's walk, which
     # skips folders it failed to list). Markers go first: an overwrite cut short then leaves data
     # without markers, which the next run redoes, never a marker whose data is gone.
-    for pattern in (f"{MARKER_DIR}/*.json", f"{FAILED_DIR}/*.json", "*.parquet"):
+    for pattern in (f"{MARKER_DIR}/*.json", f"{FAILED_DIR}/*.json", f"{ATTEMPT_DIR}/*"):
         for path in storage.glob(fs, posixpath.join(root, pattern)):
             _remove(fs, path)
+    for name in owned_data_files(config.output.path, config.output.storage_options, checked):
+        _remove(fs, posixpath.join(root, name))
     fs.invalidate_cache(root)
+
+
+def repair(config: RunConfig, checked: Audit, stems: set[str]) -> None:
+    """Before a run: finish publishes a killed run left (every marker's), and clear what stands in
+    the way of redoing the shards ``stems`` whose marker does not hold (data missing or altered,
+    marker corrupt); attempts no marker names, left by killed workers, are swept."""
+    fs, root = storage.filesystem(config.output.path, config.output.storage_options)
+    for stem, attempt in checked.to_publish.items():
+        log.info("finishing the publish of %s, which an earlier run committed", stem)
+        promote(fs, attempt, posixpath.join(root, f"{stem}.parquet"))
+    for stem in set(checked.problems) & stems:
+        _remove(fs, posixpath.join(root, MARKER_DIR, f"{stem}.json"))  # the marker first, as in --overwrite
+        _remove(fs, posixpath.join(root, f"{stem}.parquet"))
+    for path in checked.unreadable:
+        if posixpath.basename(path)[: -len(".json")] in stems:
+            _remove(fs, path)
+    named = {posixpath.join(root, m["attempt_file"]): s for s, m in checked.marker_of.items() if m.get("attempt_file")}
+    published = [p for p, stem in named.items() if stem in checked.good and p in checked.attempts]
+    for path in published + stale_attempts(checked.attempts, set(named)):
+        _remove(fs, path)  # published already (a run killed before deleting it), or no marker names it
+
+
+def ensure_writable(config: RunConfig) -> None:
+    """Raise ConfigError, in one line, when the output folder cannot be created or written (a path
+    under ``/proc``, under a regular file, without permission): found before any model or Ray starts."""
+    fs, root = storage.filesystem(config.output.path, config.output.storage_options)
+    probe = posixpath.join(root, INTERNAL_DIR, f".write-probe-{uuid.uuid4().hex}")
+    try:
+        retry.call(lambda: fs.makedirs(posixpath.dirname(probe), exist_ok=True), f"mkdir for {probe}")
+        retry.call(lambda: fs.pipe_file(probe, b""), f"write {probe}")
+        _remove(fs, probe)
+    except OSError as err:
+        raise ConfigError(f"output.path {config.output.path} cannot be written: {type(err).__name__}: "
+                          f"{err.strerror or err}") from None
 
 
 def _remove(fs, path: str) -> None:

@@ -1,20 +1,25 @@
 """Parquet output for one shard, and the commit protocol that makes it visible.
 
-Layout under the output URL::
+Layout under the output URL (every name in :mod:`vqpipe.output.layout`)::
 
-    {stem}.parquet                 one file per shard, flat
-    _vqpipe/shards/{stem}.json     the commit marker; readers and resumes trust only these
+    {stem}.parquet                          one file per shard, flat: the marker winner's
+    _vqpipe/attempts/{stem}.{id}.attempt    an attempt's file, before it is published
+    _vqpipe/shards/{stem}.json              the commit marker; readers and resumes trust only these
 
-Commit order: finish the Parquet file -> publish it under its final name -> create the
-marker (create-only). A Parquet file without a marker is an unfinished attempt; a marker
-always has its complete Parquet file. ``_vqpipe/`` and dot-prefixed temp files are skipped
-by pyarrow, duckdb globs and HF datasets, so reading the folder sees only data.
+Commit order: finish the attempt's Parquet file under ``_vqpipe/attempts/`` -> create the marker
+(create-only), naming the attempt with its rows, bytes and sha256 (and ETag on S3) -> publish the
+attempt as ``{stem}.parquet`` (:mod:`vqpipe.output.promote`). An attempt that loses the marker
+race deletes its file: duplicates of a shard (speculative, straggler) need not encode bit for bit
+alike, and the committed file is the winner's whatever the losers wrote. Readers see only files
+under final names, which only ever hold a marker's winner.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,7 +33,8 @@ from vqpipe.output import retry
 from vqpipe.output import storage
 from vqpipe.output.arrays import to_fixed_list_array
 from vqpipe.output.conditioning import conditioning_fields
-from vqpipe.output.layout import MARKER_DIR, data_path, marker_path
+from vqpipe.output.layout import MARKER_DIR, attempt_file, data_path, marker_path
+from vqpipe.output.promote import promote, remove_quietly
 
 ROW_GROUP_ROWS = 1024
 
@@ -108,17 +114,20 @@ class CommitResult:
 
 
 class _Sink:
-    """The file object handed to ParquetWriter. ``drop()`` turns later writes into no-ops
+    """The file object handed to ParquetWriter; it hashes what it passes on, so the marker can
+    record the file's sha256 without reading it back. ``drop()`` turns later writes into no-ops
     so an aborted writer can be closed (which always writes a footer) harmlessly."""
 
     def __init__(self, target: storage.AtomicFile) -> None:
         self.target: storage.AtomicFile | None = target
         self.position = 0
+        self.sha256 = hashlib.sha256()
         self.closed = False
 
     def write(self, data: bytes) -> int:
         if self.target is not None:
             self.target.file.write(data)
+            self.sha256.update(data)
         self.position += len(data)
         return len(data)
 
@@ -137,11 +146,11 @@ class _Sink:
 
 
 class ShardWriter:
-    """Writes one shard's rows to ``{output_url}/{stem}.parquet``, then commits it.
+    """Writes one shard's rows as one attempt, then commits it as ``{output_url}/{stem}.parquet``.
 
     Call ``write`` any number of times, then exactly one of ``commit`` or ``abort``. As a
     context manager it aborts unless committed. Nothing appears under the final name
-    before ``commit``; rows are buffered into row groups of ``ROW_GROUP_ROWS``.
+    before ``commit`` wins; rows are buffered into row groups of ``ROW_GROUP_ROWS``.
     """
 
     def __init__(
@@ -156,10 +165,13 @@ class ShardWriter:
             raise ValueError(f"stem {stem!r} must be a plain file name not starting with . or _")
         self.layout, self.stem, self.output_url = layout, stem, output_url
         self.fs, root = storage.filesystem(output_url, storage_options)
+        self.attempt = uuid.uuid4().hex[:16]
+        self._attempt_file = attempt_file(stem, self.attempt)
+        self._attempt = posixpath.join(root, self._attempt_file)
         self._data = posixpath.join(root, f"{stem}.parquet")
         self._marker = posixpath.join(root, MARKER_DIR, f"{stem}.json")
         self.schema = arrow_schema(layout, metadata)
-        target = storage.open_atomic(self.fs, self._data)
+        target = storage.open_atomic(self.fs, self._attempt)
         self._sink = _Sink(target)
         try:
             self._writer = pq.ParquetWriter(self._sink, self.schema, **_writer_options(layout))
@@ -225,13 +237,12 @@ class ShardWriter:
         self._pending_rows -= n
 
     def commit(self, marker: dict[str, Any]) -> CommitResult:
-        """Finish the file, publish it, then create the marker -- in that order.
+        """Finish the attempt's file, create the marker naming it, then publish it -- in that order.
 
-        The marker dict is the caller's; ``parquet``, ``rows`` and ``committed_at`` are
-        added. If a marker for this stem already exists, the data is not published and
-        ``committed`` is False. Publishing twice would be harmless anyway: the file for a
-        shard is a pure function of its samples, so a racing attempt writes the same bytes
-        (given a deterministic encoder).
+        The marker dict is the caller's; ``parquet``, ``rows``, ``attempt``, ``attempt_file``,
+        ``bytes``, ``sha256``, ``etag`` (object stores) and ``committed_at`` are added. If a marker
+        for this stem already exists, or another attempt creates it first, this attempt's file is
+        deleted and ``committed`` is False: the committed file stays the winner's.
         """
         if self._done:
             raise RuntimeError(f"shard {self.stem} was already committed or aborted")
@@ -249,10 +260,28 @@ class ShardWriter:
             self.abort()
             raise
         self._done = True
-        record["committed_at"] = datetime.now(timezone.utc).isoformat()
-        body = json.dumps(record, sort_keys=True, indent=1).encode()
-        won = storage.write_create_only(self.fs, self._marker, body)
-        return CommitResult(won, self.stem, self.rows, record["parquet"], record)
+        return self._create_marker_and_publish(record)
+
+    def _create_marker_and_publish(self, record: dict[str, Any]) -> CommitResult:
+        try:
+            record.update(self._file_record())
+            body = json.dumps(record, sort_keys=True, indent=1).encode()
+            won = storage.write_create_only(self.fs, self._marker, body)
+        except BaseException:
+            remove_quietly(self.fs, self._attempt)  # no marker names it (or one that planning redoes)
+            raise
+        if not won:
+            remove_quietly(self.fs, self._attempt)
+            return CommitResult(False, self.stem, self.rows, record["parquet"], record)
+        promote(self.fs, self._attempt, self._data)
+        return CommitResult(True, self.stem, self.rows, record["parquet"], record)
+
+    def _file_record(self) -> dict[str, Any]:
+        """What the marker records about the attempt's file, for planning and ``inspect --verify``."""
+        record = {"attempt": self.attempt, "attempt_file": self._attempt_file, "bytes": self._sink.position,
+                  "sha256": self._sink.sha256.hexdigest(), "committed_at": datetime.now(timezone.utc).isoformat()}
+        tag = storage.etag(self.fs, self._attempt)
+        return record | ({"etag": tag} if tag else {})
 
     def abort(self) -> None:
         """Discard everything written; nothing appears under the final name. Idempotent."""

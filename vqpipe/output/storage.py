@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import posixpath
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -85,7 +86,7 @@ class _LocalAtomic:
         except BaseException:
             self.discard()
             raise
-        _fsync_dir(os.path.dirname(self.path))
+        fsync_dir(os.path.dirname(self.path))
 
     def discard(self) -> None:
         self.file.close()
@@ -121,6 +122,7 @@ class _BufferedAtomic:
 
     def commit(self) -> None:
         data = self.file.getvalue()
+        ensure_parent(self.fs, self.path)
         retry.call(lambda: self.fs.pipe_file(self.path, data), f"write {self.path}")
 
     def discard(self) -> None:
@@ -141,6 +143,7 @@ def write_create_only(fs: AbstractFileSystem, path: str, data: bytes) -> bool:
     """
     if is_local(fs):
         return _link_create_only(path, data)
+    ensure_parent(fs, path)
     calls = 0
 
     def create() -> None:
@@ -167,17 +170,39 @@ def _link_create_only(path: str, data: bytes) -> bool:
         return False
     finally:
         tmp.discard()
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
     return True
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder: str) -> None:
     # Makes the rename itself durable; without it a crash can forget the new name.
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def ensure_parent(fs: AbstractFileSystem, path: str) -> None:
+    """Create the folder ``path`` goes in, where folders exist (a wrapped local filesystem, SFTP...):
+    a ``pipe_file`` there fails under a missing folder. Object stores have no folders."""
+    if not is_object_store(fs):
+        parent = posixpath.dirname(path)
+        retry.call(lambda: fs.makedirs(parent, exist_ok=True), f"mkdir {parent}")
+
+
+def is_object_store(fs: AbstractFileSystem) -> bool:
+    """S3 and kin: server-side copies, ETags, multipart uploads."""
+    return bool(protocols(fs) & _TRANSACTIONAL)
+
+
+def etag(fs: AbstractFileSystem, path: str) -> str | None:
+    """The object's ETag on an object store (None elsewhere)."""
+    if not is_object_store(fs):
+        return None
+    fs.invalidate_cache(path)
+    info = retry.call(lambda: fs.info(path), f"info {path}")
+    return str(info.get("ETag", "")).strip('"') or None
 
 
 def exists(fs: AbstractFileSystem, path: str) -> bool:
@@ -197,7 +222,7 @@ def read_json(fs: AbstractFileSystem, path: str) -> Any | None:
     """The JSON document at ``path``, or None if there is none; transient errors are retried."""
     try:
         return json.loads(retry.call(lambda: fs.cat_file(path), f"read {path}"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 
@@ -207,7 +232,7 @@ def glob(fs: AbstractFileSystem, pattern: str) -> dict[str, dict[str, Any]]:
     fsspec's generic walk *omits* folders whose listing raised, so one dropped connection would
     silently shrink a run's shard list or a reader's file list; ``on_error="raise"`` turns that off.
     s3fs's recursive (``**``) listing takes no ``on_error`` (TypeError) but raises its errors anyway.
-    Transient errors are retried; a missing folder matches nothing.
+    Transient errors are retried; a missing folder (or one under a regular file) matches nothing.
     """
     def once() -> dict[str, dict[str, Any]]:
         try:
@@ -217,7 +242,7 @@ def glob(fs: AbstractFileSystem, pattern: str) -> dict[str, dict[str, Any]]:
 
     try:
         return retry.call(once, f"glob {pattern}")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a folder under a regular file holds nothing either
         return {}
 
 

@@ -33,6 +33,7 @@ from vqpipe.config import RunConfig
 from vqpipe.model.loading import load_model, pick_device
 from vqpipe.input.images import preprocess
 from vqpipe.read.failures import RunFailures, run_failures
+from vqpipe.read.integrity import Integrity, check_output
 from vqpipe.read.tokens import Sampled, sample_rows
 from vqpipe.input.views import ViewRenderer
 from vqpipe.read.views import per_view_originals, per_view_rows
@@ -73,12 +74,18 @@ def run_decode(config: RunConfig, num_samples: int = 64, seed: int = 0, out: str
     decoder pass, when it should run elsewhere than here (default :func:`reconstruct_images` with ``model``)."""
     out = out or decode_dir(config.output.path)
     model = (model if model is not None else load_model(config.model)).to(pick_device())
-    sampled = sample_rows(config.output.path, config.output.storage_options, num_samples, seed)
+    fs, root = fsspec.core.url_to_fs(config.output.path, **config.output.storage_options)
+    integrity = check_output(fs, root)
+    report = DecodeReport(checks=[_files_check(integrity)])
+    if integrity.problems and not integrity.readable:  # nothing left to decode: the damage is the report
+        write_report(out, config.output.storage_options, report)
+        return report
+    sampled = sample_rows(config.output.path, config.output.storage_options, num_samples, seed,
+                          files=integrity.readable)
     meta = sampled.reference_metadata()
     views = meta.get("views", ["center"])
     if len(views) > 1:  # every view of each sampled row is decoded, checked and shown
         sampled.table = per_view_rows(sampled.table, views)
-    report = DecodeReport()
     report.checks.append(_metadata_check(sampled.metadata, model))
     schema, fit = _schema_check(sampled, meta)
     report.checks.append(schema)
@@ -130,10 +137,20 @@ def _metadata_check(metadata: dict[str, dict | None], model) -> Check:
                                                       "and scaling_factor")
 
 
+def _files_check(integrity: Integrity) -> Check:
+    """Every data file as its commit marker records it, and readable; each offender named."""
+    figure = "; ".join(integrity.problems) or f"all {len(integrity.footers)} files match their commit markers"
+    return Check("files", not integrity.problems, figure)
+
+
 def _metadata_problems(meta: dict | None, model) -> list[str]:
     if meta is None:
         return ["no vqpipe metadata"]
     problems = []
+    recorded, current = meta.get("model_config"), json.loads(json.dumps(model.config.to_dict()))
+    if isinstance(recorded, dict) and recorded != current:
+        keys = sorted(k for k in {*recorded, *current} if recorded.get(k) != current.get(k))
+        problems.append(f"model config differs ({', '.join(keys)})")
     if meta.get("weights_sha256") != model.weights_sha256:
         problems.append(f"weights {str(meta.get('weights_sha256'))[:12]} != model {str(model.weights_sha256)[:12]}")
     if meta.get("scaling_factor") != model.config.scaling_factor:
@@ -354,6 +371,13 @@ def write_outputs(out: str, storage_options: dict, report: DecodeReport, table, 
         fs.pipe_file(posixpath.join(root, f"{_safe(key)}.png"), _png(Image.fromarray(image)))
     psnrs = [s["psnr"] for s in report.samples]
     fs.pipe_file(posixpath.join(root, "grid.png"), _png(grid(keys, originals, recon, psnrs)))
+    write_report(out, storage_options, report)
+
+
+def write_report(out: str, storage_options: dict, report: DecodeReport) -> None:
+    """report.json and report.html."""
+    fs, root = fsspec.core.url_to_fs(out, **storage_options)
+    fs.makedirs(root, exist_ok=True)
     # A lossless reconstruction has infinite PSNR, which strict JSON cannot hold: write null.
     samples = [{**s, "psnr": s["psnr"] if s["psnr"] is None or np.isfinite(s["psnr"]) else None}
                for s in report.samples]

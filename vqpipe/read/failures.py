@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass, field
 import fsspec
 
 from vqpipe.output.layout import FAILED_DIR, MARKER_DIR
-from vqpipe.read.inspect import FailedShard, failed_shard, json_records
+from vqpipe.output.markers import read_records
+from vqpipe.read.inspect import FailedShard, failed_shard
 
 EXAMPLES = 3  # keys shown per reason
 
@@ -42,12 +43,12 @@ class RunFailures:
 def run_failures(output_url: str, storage_options: dict | None = None, examples: int = EXAMPLES) -> RunFailures:
     fs, root = fsspec.core.url_to_fs(output_url, **(storage_options or {}))
     by_reason: dict[str, ReasonCount] = {}
-    for stem, marker in json_records(fs, posixpath.join(root, MARKER_DIR)):
+    for stem, marker in read_records(fs, posixpath.join(root, MARKER_DIR)).records.items():
         for reason, count in marker.get("failures_by_reason", {}).items():
             by_reason.setdefault(reason, ReasonCount(reason, 0)).count += count
         for failure in marker.get("failures", []):
             entry = by_reason.setdefault(failure["reason"], ReasonCount(failure["reason"], 0))
             if len(entry.examples) < examples:
                 entry.examples.append({"stem": stem, "key": failure.get("key"), "message": failure.get("message")})
-    shards = [failed_shard(stem, record) for stem, record in json_records(fs, posixpath.join(root, FAILED_DIR))]
+    shards = [failed_shard(stem, record) for stem, record in read_records(fs, posixpath.join(root, FAILED_DIR)).records.items()]
     return RunFailures(sorted(by_reason.values(), key=lambda r: (-r.count, r.reason)), shards)

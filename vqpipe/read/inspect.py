@@ -9,26 +9,25 @@ latents are streamed one row group at a time: memory stays at one row group what
 
 from __future__ import annotations
 
-import json
 import math
 import posixpath
 import typing
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from vqpipe.output import retry
 from vqpipe.output.arrays import fixed_list_to_numpy
-from vqpipe.read.tokens import data_file_sizes, vqpipe_metadata
-from vqpipe.records import ShardErrorReason, sum_reasons
-from vqpipe.output.layout import FAILED_DIR, MANIFEST, MARKER_DIR
 from vqpipe.encode.fidelity import DEFAULT_MIN_CODE_AGREEMENT, summarize, summary_lines
+from vqpipe.output import storage
+from vqpipe.output.layout import FAILED_DIR, MANIFEST
+from vqpipe.output.markers import read_records
+from vqpipe.read.integrity import check_output
+from vqpipe.read.tokens import vqpipe_metadata
+from vqpipe.records import ShardErrorReason, sum_reasons
 
 TOP_CODES = 10
-JSON_BATCH = 256  # marker files fetched per request batch
 _STEP_VALUES = 2**22  # latent values converted to float64 at a time (32 MiB)
 
 
@@ -87,6 +86,7 @@ class OutputStats:
     latents: LatentStats | None = None  # None when the output holds no latents column
     fidelity: dict | None = None  # the markers' fidelity audits across shards (vqpipe.encode.fidelity)
     views: list[str] = field(default_factory=lambda: ["center"])  # per sample, in order (preprocess.views)
+    problems: list[str] = field(default_factory=list)  # files that do not match their records, by name
 
     @property
     def bytes_per_sample(self) -> float | None:
@@ -108,81 +108,45 @@ def _no_nan(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def inspect_output(path: str, storage_options: dict | None = None) -> OutputStats:
-    """Every figure of ``vqpipe inspect`` for the output folder at ``path`` (any fsspec URL).
+def inspect_output(path: str, storage_options: dict | None = None, verify: bool = False) -> OutputStats:
+    """Every figure of ``vqpipe inspect`` for the output folder at ``path`` (any fsspec URL), and
+    every file that does not match its commit marker (``problems``; ``verify`` adds sha256 checks).
 
     Raises FileNotFoundError when ``path`` holds neither data files nor vqpipe records.
     """
     fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    sizes = data_file_sizes(path, storage_options)
-    committed, by_reason, by_rule, audits = set(), [], [], []
-    for stem, marker in json_records(fs, posixpath.join(root, MARKER_DIR)):
-        committed.add(stem)
-        by_reason.append(marker.get("failures_by_reason", {}))  # the per-sample list can be long: not kept
-        by_rule.append(marker.get("filtered_by_rule", {}))
-        audits.append((stem, marker.get("audit")))
-    failed = [failed_shard(stem, record) for stem, record in json_records(fs, posixpath.join(root, FAILED_DIR))]
-    if not sizes and not committed and not failed:
+    integrity = check_output(fs, root, verify)
+    checked = integrity.audit
+    failed_records = read_records(fs, posixpath.join(root, FAILED_DIR))
+    failed = [failed_shard(stem, record) for stem, record in failed_records.records.items()]
+    if not checked.data and not checked.marker_of and not checked.unreadable and not failed:
         raise FileNotFoundError(f"{path}: no vqpipe output here (no Parquet files, no _vqpipe/ records)")
-    stems = {posixpath.basename(p)[: -len(".parquet")] for p in sizes}
-    shards = ShardStats(committed=len(committed), failed=failed, data_files=len(sizes),
-                        without_marker=len(stems - committed), failed_samples_by_reason=sum_reasons(by_reason),
-                        filtered_samples_by_rule=sum_reasons(by_rule))
-    stats = OutputStats(path, shards, rows=0, data_bytes=sum(sizes.values()))
-    if committed:
+    markers = checked.marker_of.values()  # their per-sample lists can be long: only the counts are kept
+    stems = {name[: -len(".parquet")] for name in checked.data}
+    shards = ShardStats(committed=len(checked.marker_of), failed=failed, data_files=len(checked.data),
+                        without_marker=len(stems - set(checked.marker_of)),
+                        failed_samples_by_reason=sum_reasons(m.get("failures_by_reason", {}) for m in markers),
+                        filtered_samples_by_rule=sum_reasons(m.get("filtered_by_rule", {}) for m in markers))
+    problems = integrity.problems + [f"{p}: failure record unreadable, {why}"
+                                     for p, why in failed_records.unreadable.items()]
+    stats = OutputStats(path, shards, rows=0, data_bytes=sum(checked.data.values()), problems=problems)
+    if checked.marker_of:
+        audits = [(stem, m.get("audit")) for stem, m in sorted(checked.marker_of.items())]
         stats.fidelity = summarize(audits, _min_code_agreement(fs, root))
-    if sizes:
-        _scan(fs, sorted(sizes), stats)
+    if integrity.footers:
+        _scan(fs, integrity.readable, stats)
     return stats
 
 
 def _min_code_agreement(fs: fsspec.AbstractFileSystem, root: str) -> float:
-    """The floor the run was held to (its manifest's config), else the default."""
+    """The floor the run was held to (its manifest's config), else the default; a corrupt
+    manifest is the integrity check's to report, not a reason to fail here."""
     try:
-        manifest = json.loads(retry.call(lambda: fs.cat(posixpath.join(root, MANIFEST)), "read the run manifest"))
-    except FileNotFoundError:
+        manifest = storage.read_json(fs, posixpath.join(root, MANIFEST)) or {}
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
         manifest = {}
-    model = manifest.get("config", {}).get("model", {})
+    model = manifest.get("config", {}).get("model", {}) if isinstance(manifest, dict) else {}
     return float(model.get("min_code_agreement", DEFAULT_MIN_CODE_AGREEMENT))
-
-
-def json_records(fs: fsspec.AbstractFileSystem, folder: str) -> Iterator[tuple[str, dict]]:
-    """``(stem, record)`` for every ``{stem}.json`` in ``folder``, in stem order, fetched
-    ``JSON_BATCH`` at a time (concurrently on object stores). Transient errors are retried, and
-    one that outlasts the retries is raised: a dropped listing must not read as "no records"."""
-    fs.invalidate_cache(folder)
-    try:
-        listing = retry.call(lambda: fs.ls(folder, detail=False), f"list {folder}")
-    except FileNotFoundError:
-        return
-    names = sorted(p for p in listing if p.endswith(".json") and not posixpath.basename(p).startswith("."))
-    for start in range(0, len(names), JSON_BATCH):
-        bodies = _cat_each(fs, names[start:start + JSON_BATCH])
-        for name in names[start:start + JSON_BATCH]:
-            if name in bodies:
-                yield posixpath.basename(name)[: -len(".json")], json.loads(bodies[name])
-
-
-def _cat_each(fs: fsspec.AbstractFileSystem, names: list[str]) -> dict[str, bytes]:
-    """The bodies of ``names``; each retry asks again only for the files that failed, and a file
-    removed since the listing (a concurrent run retried that shard) is left out."""
-    bodies: dict[str, bytes] = {}
-    gone: set[str] = set()
-
-    def fetch_missing() -> None:
-        errors = []
-        for name, body in fs.cat([n for n in names if n not in bodies and n not in gone], on_error="return").items():
-            if isinstance(body, FileNotFoundError):
-                gone.add(name)
-            elif isinstance(body, BaseException):
-                errors.append(body)
-            else:
-                bodies[name] = body
-        if errors:
-            raise errors[0]
-
-    retry.call(fetch_missing, f"read {len(names)} records in {posixpath.dirname(names[0])}")
-    return bodies
 
 
 def failed_shard(stem: str, record: dict) -> FailedShard:
@@ -201,19 +165,27 @@ def _scan(fs: fsspec.AbstractFileSystem, files: list[str], stats: OutputStats) -
     latents = ChannelMoments(meta["latent_shape"][0]) if "latents" in schema.names else None
     columns = [c for c, acc in (("codes", codes), ("latents", latents)) if acc is not None]
     for path in files:
-        with fs.open(path, "rb") as handle:
-            parquet = pq.ParquetFile(handle)
-            stats.rows += parquet.metadata.num_rows
-            for group in range(parquet.num_row_groups if columns else 0):
-                table = parquet.read_row_group(group, columns=columns)
-                if codes is not None:
-                    codes.add(fixed_list_to_numpy(table.column("codes")))
-                if latents is not None:
-                    # views are more rows to the statistics: (N, V, C, h, w) -> (N * V, C, h, w)
-                    latents.add(fixed_list_to_numpy(table.column("latents")).reshape(-1, *meta["latent_shape"]))
+        try:
+            _scan_file(fs, path, columns, codes, latents, meta["latent_shape"], stats)
+        except (OSError, ValueError) as err:  # a damaged row group (ArrowInvalid is a ValueError)
+            stats.problems.append(f"{path}: unreadable data ({type(err).__name__}: {str(err).strip()[:200]})")
     stats.codes = codes.result() if codes is not None else None
     if latents is not None:
         stats.latents = latents.result(meta["latent_shape"], meta["latent_dtype"], meta["scaling_factor"])
+
+
+def _scan_file(fs, path: str, columns: list[str], codes: CodeCounter | None, latents: ChannelMoments | None,
+               latent_shape: list[int], stats: OutputStats) -> None:
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        for group in range(parquet.num_row_groups if columns else 0):
+            table = parquet.read_row_group(group, columns=columns)
+            if codes is not None:
+                codes.add(fixed_list_to_numpy(table.column("codes")))
+            if latents is not None:
+                # views are more rows to the statistics: (N, V, C, h, w) -> (N * V, C, h, w)
+                latents.add(fixed_list_to_numpy(table.column("latents")).reshape(-1, *latent_shape))
+        stats.rows += parquet.metadata.num_rows
 
 
 class CodeCounter:
@@ -302,6 +274,9 @@ def _count(items) -> dict[str, int]:
 def format_text(stats: OutputStats) -> str:
     """The human-readable report ``vqpipe inspect`` prints."""
     lines = [f"output: {stats.output}"] + _shard_lines(stats)
+    if stats.problems:
+        lines.append(f"PROBLEMS: {len(stats.problems)} (files that do not match their commit records)")
+        lines += [f"  {p}" for p in stats.problems]
     if stats.codes is not None:
         lines += _code_lines(stats.codes)
     if stats.latents is not None:

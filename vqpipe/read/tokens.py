@@ -29,8 +29,10 @@ from vqpipe.output.arrays import fixed_list_to_numpy
 def data_files(path: str, storage_options: dict | None = None) -> list[str]:
     """The Parquet files at the top of ``path``, sorted, as paths within its filesystem.
 
-    Every ``{stem}.parquet`` under its final name is complete (the sink publishes atomically), with
-    or without its commit marker; ``_vqpipe/`` and dot-prefixed temp files are never data.
+    Every ``{stem}.parquet`` under its final name is complete and its commit marker's winner (the
+    sink publishes only after the marker, atomically); attempts live under ``_vqpipe/`` with another
+    suffix, and dot-prefixed temp files are never data. Whether each file still matches its marker
+    (not deleted, cut or replaced since) is :func:`vqpipe.read.integrity.check_output`'s question.
     """
     return sorted(data_file_sizes(path, storage_options))
 
@@ -116,12 +118,13 @@ class Sampled:
         return self.metadata[first]
 
 
-def sample_rows(path: str, storage_options: dict, n: int, seed: int) -> Sampled:
-    """``n`` rows drawn uniformly without replacement across all data files (seeded); only the row
-    groups holding a drawn row are read. Rows of a file whose columns differ from the first file's
-    are left out, and the file is listed in ``skipped``."""
+def sample_rows(path: str, storage_options: dict, n: int, seed: int, files: list[str] | None = None) -> Sampled:
+    """``n`` rows drawn uniformly without replacement across all data files (or ``files``, paths
+    within the filesystem: e.g. only those whose footer can be read), seeded; only the row groups
+    holding a drawn row are read. Rows of a file whose columns differ from the first file's are left
+    out, and the file is listed in ``skipped``."""
     fs, _ = fsspec.core.url_to_fs(path, **storage_options)
-    files = data_files(path, storage_options)
+    files = data_files(path, storage_options) if files is None else sorted(files)
     if not files:
         raise FileNotFoundError(f"{path}: no Parquet files")
     footers = {f: footer(fs, f) for f in files}

@@ -8,7 +8,7 @@ import time
 from vqpipe import __version__
 from vqpipe.config import RunConfig
 from vqpipe.output.folder import sweep_leftovers, write_json
-from vqpipe.output.layout import MANIFEST
+from vqpipe.output.layout import MANIFEST, failure_record
 from vqpipe.run import manifest as run_manifest
 from vqpipe.run.outcome import Outcome
 from vqpipe.run.plan import Plan
@@ -30,8 +30,10 @@ def execute(config: RunConfig, plan: Plan, job: ShardSettings, fingerprint: dict
     # (see nothing_to_do) never needs it.
     from vqpipe.run.driver import run_on_ray
 
+    missing = record_missing(config, plan)
     with Progress(total=plan.total, already=len(plan.committed)) as progress:
         outcome = run_on_ray(config, plan, progress)
+        outcome.failed.update(missing)
         progress.update(outcome, force=True)
     wall = time.time() - started
     manifest.update(status="aborted" if outcome.aborted else ("failed" if outcome.failed else "complete"),
@@ -51,6 +53,18 @@ def nothing_to_do(config: RunConfig, plan: Plan) -> str:
         previous.update(status="complete", ended_at=_iso(time.time()))
         write_json(config, MANIFEST, previous)
     return f"all {plan.total} shards already committed: nothing to do ({config.output.path})"
+
+
+def record_missing(config: RunConfig, plan: Plan) -> dict[str, str]:
+    """A ``missing_shard`` failure record for every input shard planning found absent, at once (no
+    worker is sent to find out); stem -> error."""
+    errors = {}
+    for url in plan.missing:
+        stem, error = plan.stems[url], f"ShardError: missing_shard: {url} does not exist"
+        write_json(config, failure_record(stem), {"source": url, "stem": stem, "attempts": 0, "error": error,
+                                                  "failed_at": _iso(time.time())})
+        errors[stem] = error
+    return errors
 
 
 def _totals(outcome: Outcome, plan: Plan, wall: float, started: float, min_code_agreement: float) -> dict:
