@@ -1,9 +1,10 @@
 """Fault injection for the crash tests (kill a worker mid-shard), off unless ``VQPIPE_FAULTS`` is set.
 
 ``VQPIPE_FAULTS`` holds JSON: ``[{"stem": "shard-0001", "after_batches": 1, "action": "exit",
-"once": "/tmp/flag"}]``. ``action`` is ``exit`` (``os._exit``: the process dies as if killed), ``raise``,
-or ``sleep`` (for ``seconds``: a straggler). With ``once``, the fault fires only for the attempt that creates that file, so the
-retry succeeds.
+"once": "/tmp/flag"}]``. ``action`` is ``exit`` (``os._exit``: the process dies as if killed),
+``raise``, ``sleep`` (for ``seconds``: a straggler) or ``stop`` (SIGSTOP itself: a worker hung for
+good). ``{"at": "worker_start", "action": "raise"}`` fails a worker's constructor instead. With
+``once``, the fault fires only for the attempt that creates that file, so the retry succeeds.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import time
 
 ENV = "VQPIPE_FAULTS"
@@ -31,10 +33,23 @@ def after_batch(stem: str, batches_done: int) -> None:
             action = fault.get("action", "exit")
             if action == "exit":
                 os._exit(137)
+            if action == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)  # hung for good, as a stopped or wedged process is
+                continue
             if action == "sleep":
                 time.sleep(float(fault.get("seconds", 60)))
                 continue
             raise InjectedFault(f"injected fault in {stem} after batch {batches_done}")
+
+
+def worker_start() -> None:
+    """Faults with ``"at": "worker_start"`` fire as a worker starts: ``raise`` makes its
+    constructor fail (as a broken install or an unreadable model would)."""
+    for fault in _faults(os.environ.get(ENV, "")):
+        if fault.get("at") == "worker_start" and _claim(fault.get("once")):
+            if fault.get("action", "raise") == "exit":
+                os._exit(137)
+            raise InjectedFault("injected fault as the worker starts")
 
 
 def _claim(flag: str | None) -> bool:

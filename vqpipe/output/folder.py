@@ -9,7 +9,7 @@ import posixpath
 
 from vqpipe.config import RunConfig
 from vqpipe.output import retry, storage
-from vqpipe.output.layout import FAILED_DIR, MARKER_DIR
+from vqpipe.output.layout import FAILED_DIR, INTERNAL_DIR, MARKER_DIR
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ def write_json(config: RunConfig, relative: str, data: dict) -> None:
     path = posixpath.join(root, relative)
     body = (json.dumps(data, indent=2, default=str) + "\n").encode()
     retry.call(lambda: fs.makedirs(posixpath.dirname(path), exist_ok=True), f"mkdir for {path}")
-    retry.call(lambda: fs.pipe_file(path, body), f"write {path}")
+    retry.call(lambda: storage.write_atomic(fs, path, body), f"write {path}")
 
 
 def sweep_leftovers(config: RunConfig) -> None:
@@ -28,12 +28,26 @@ def sweep_leftovers(config: RunConfig) -> None:
     fs, root = storage.filesystem(config.output.path, config.output.storage_options)
     try:
         aborted = storage.sweep_incomplete_uploads(fs, root)
-        removed = storage.sweep_stale_temp_files(fs, root)
+        removed = storage.sweep_stale_temp_files(fs, root, subfolders=(INTERNAL_DIR, MARKER_DIR, FAILED_DIR))
     except OSError as err:  # housekeeping: the next run sweeps again
         log.warning("could not sweep leftovers under %s: %s: %s", config.output.path, type(err).__name__, err)
         return
     if aborted or removed:
         log.info("swept %d incomplete uploads and %d temp files under %s", aborted, removed, config.output.path)
+
+
+def failure_stems(config: RunConfig) -> set[str]:
+    """Stems with a failure record, from one listing: the driver removes only these when their
+    shards commit, instead of one storage call per committed shard."""
+    fs, root = storage.filesystem(config.output.path, config.output.storage_options)
+    folder = posixpath.join(root, FAILED_DIR)
+    storage.invalidate(fs, folder)
+    try:
+        names = retry.call(lambda: fs.ls(folder, detail=False), f"list {folder}")
+    except FileNotFoundError:
+        return set()
+    base = (posixpath.basename(n) for n in names)
+    return {b[: -len(".json")] for b in base if b.endswith(".json") and not b.startswith(".")}
 
 
 def remove_json(config: RunConfig, relative: str) -> None:

@@ -4,6 +4,7 @@
     _vqpipe/shards/{stem}.json     its commit marker: readers and resumes trust only these
     _vqpipe/failed/{stem}.json     why a shard could not be written (retries exhausted)
     _vqpipe/run.json               the run manifest: fingerprint, status, totals
+    _vqpipe/lease.json             held by the live run (heartbeat): one run at a time per folder
     _vqpipe/decode/                the ``vqpipe decode`` report
 
 Readers skip ``_vqpipe/`` and dot-prefixed temp files, so a folder is always readable as data.
@@ -17,6 +18,7 @@ INTERNAL_DIR = "_vqpipe"
 MARKER_DIR = f"{INTERNAL_DIR}/shards"
 FAILED_DIR = f"{INTERNAL_DIR}/failed"
 MANIFEST = f"{INTERNAL_DIR}/run.json"
+LEASE = f"{INTERNAL_DIR}/lease.json"
 DECODE_DIR = f"{INTERNAL_DIR}/decode"
 DATA_SUFFIX = ".parquet"
 

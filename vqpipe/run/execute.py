@@ -3,6 +3,7 @@ totals, the summary table."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 from vqpipe import __version__
@@ -10,45 +11,56 @@ from vqpipe.config import RunConfig
 from vqpipe.output.folder import sweep_leftovers, write_json
 from vqpipe.output.layout import MANIFEST
 from vqpipe.run.driver import run_on_ray
+from vqpipe.run.manifest import read_manifest
 from vqpipe.run.outcome import Outcome
 from vqpipe.run.plan import Plan
 from vqpipe.run.progress import Progress, summary_table
 from vqpipe.run.shard_job import ShardSettings
+from vqpipe.run.stop import StopRequest
+from vqpipe.run.totals import output_totals
+
+log = logging.getLogger(__name__)
 
 
 def execute(config: RunConfig, plan: Plan, job: ShardSettings, fingerprint: dict) -> Outcome:
     """Run the plan on Ray with the manifest written before and after, print the summary."""
     started = time.time()
+    previous = read_manifest(config)
     manifest = {
         "vqpipe_version": __version__, "config": config.to_dict(), "model_config": job.metadata["model_config"],
         "weights_sha256": job.metadata["weights_sha256"], "fingerprint": fingerprint,
         "started_at": _iso(started), "status": "running",
     }
-    write_json(config, MANIFEST, manifest)
-    sweep_leftovers(config)
-    progress = Progress(total=plan.total, already=len(plan.committed))
-    outcome = run_on_ray(config, plan, progress)
-    progress.update(outcome, force=True)
-    progress.close()
-    wall = time.time() - started
-    manifest.update(status="aborted" if outcome.aborted else ("failed" if outcome.failed else "complete"),
-                    ended_at=_iso(time.time()), totals=_totals(outcome, plan, wall))
-    write_json(config, MANIFEST, manifest)
-    print(summary_table(outcome, skipped=len(plan.committed), wall_s=wall, output=config.output.path))
+    stop = StopRequest()
+    stop.install()  # from here on a signal ends the run through the bookkeeping below
+    try:
+        write_json(config, MANIFEST, manifest)
+        sweep_leftovers(config)
+        progress = Progress(total=plan.total, already=len(plan.committed))
+        outcome = run_on_ray(config, plan, progress, stop)
+        progress.update(outcome, force=True)
+        progress.close()
+        wall = time.time() - started
+        totals = output_totals(config, previous, outcome, plan, wall)
+        manifest.update(status=outcome.status, ended_at=_iso(time.time()), totals=totals)
+        if outcome.fatal or outcome.interrupted:
+            manifest["stopped_because"] = outcome.fatal or f"signal {outcome.interrupted}"
+        _write_final(config, manifest, outcome)
+        summary = summary_table(outcome, skipped=len(plan.committed), wall_s=wall, output=config.output.path)
+        print(summary, flush=True)  # flushed: a second Ctrl-C exits without flushing
+    finally:
+        stop.restore()
     return outcome
 
 
-def _totals(outcome: Outcome, plan: Plan, wall: float) -> dict:
-    reasons = dict(outcome.failures_by_reason())
-    rows = outcome.rows
-    stages = {k: round(sum(getattr(r.times, k) for r in outcome.committed.values()), 3)
-              for k in ("read_s", "decode_s", "encode_s", "write_s", "wait_s")}
-    return {
-        "shards": plan.total, "shards_committed": len(outcome.committed), "shards_failed": len(outcome.failed),
-        "shards_skipped": len(plan.committed), "samples_written": rows, "samples_failed_by_reason": reasons,
-        "wall_s": round(wall, 3), "images_per_s": round(rows / wall, 2) if wall else None,
-        "failed_shards": outcome.failed, "stage_times_s": stages,
-    }
+def _write_final(config: RunConfig, manifest: dict, outcome: Outcome) -> None:
+    """The closing manifest; on a full disk it may not fit, which ends the run as failed, not as
+    a traceback (the manifest then still says ``running``, and the next run rewrites it)."""
+    try:
+        write_json(config, MANIFEST, manifest)
+    except OSError as err:
+        log.error("could not write %s: %s: %s", MANIFEST, type(err).__name__, err)
+        outcome.fatal = outcome.fatal or f"could not write the manifest ({type(err).__name__}: {err})"
 
 
 def _iso(t: float) -> str:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vqpipe.config import ConfigError, RunConfig
+from vqpipe.output.folder import failure_stems
 from vqpipe.output.sink import committed_stems
 from vqpipe.input.urls import expand_urls, shard_stems
 
@@ -15,6 +16,7 @@ class Plan:
     stems: dict[str, str]  # url -> output stem
     committed: set[str]  # stems whose commit marker exists
     pending: list[str]  # urls still to process, in order
+    failed_before: set[str] = field(default_factory=set)  # stems with a failure record of an earlier run
 
     @property
     def total(self) -> int:
@@ -33,4 +35,4 @@ def make_plan(config: RunConfig, limit_shards: int | None = None) -> Plan:
     pending = [u for u in urls if stems[u] not in committed]
     if limit_shards is not None:
         pending = pending[:limit_shards]
-    return Plan(urls, stems, committed, pending)
+    return Plan(urls, stems, committed, pending, failure_stems(config) & set(stems.values()))

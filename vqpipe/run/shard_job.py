@@ -27,6 +27,7 @@ from vqpipe.input.images import preprocess
 from vqpipe.input.prefetch import PrefetchStats, ordered_parallel_map
 from vqpipe.records import Failure, Preprocessed, Sample
 from vqpipe.input.shards import iter_samples
+from vqpipe.output.arrays import overflowing_rows
 from vqpipe.output.sink import ShardWriter, TokenLayout
 
 FORMAT_VERSION = 1
@@ -154,9 +155,10 @@ def _encode_and_write(batch: list[Preprocessed], url: str, encoder: TokenEncoder
     started = time.perf_counter()
     encoded = encoder(np.stack([p.pixels for p in batch]))
     times.encode_s += time.perf_counter() - started
-    keep = np.flatnonzero(encoded.finite)
-    for i in np.flatnonzero(~encoded.finite):
-        failures.append(Failure(batch[i].key, "non_finite", "latents are NaN/Inf even in fp32"))
+    good = encoded.finite & ~_overflowing(encoded.latents, writer.layout)
+    keep = np.flatnonzero(good)
+    for i in np.flatnonzero(~good):
+        failures.append(_bad_latents(batch[i].key, encoded.latents[i], bool(encoded.finite[i]), writer.layout))
     kept = [batch[i] for i in keep]
     started = time.perf_counter()
     writer.write(
@@ -168,6 +170,20 @@ def _encode_and_write(batch: list[Preprocessed], url: str, encoder: TokenEncoder
     )
     times.write_s += time.perf_counter() - started
     return len(kept), encoded.amp_fallback
+
+
+def _overflowing(latents: np.ndarray, layout: TokenLayout) -> np.ndarray:
+    if not layout.write_latents:
+        return np.zeros(len(latents), dtype=bool)
+    return overflowing_rows(latents, layout.latent_type)
+
+
+def _bad_latents(key: str, latents: np.ndarray, finite: bool, layout: TokenLayout) -> Failure:
+    if not finite:
+        return Failure(key, "non_finite", "latents are NaN/Inf even in fp32")
+    peak = float(np.abs(latents).max())
+    return Failure(key, "latent_overflow", f"latent value {peak:.6g} exceeds {layout.latent_dtype}'s range: "
+                                           f"set output.latent_dtype: float32")
 
 
 def _marker(url: str, stem: str, rows: int, failures: list[Failure], times: StageTimes, amp_fallbacks: int,
