@@ -22,10 +22,11 @@ SLOW_SHARDS = json.dumps([{"stem": f"shard-{s:05d}", "after_batches": 1, "action
                           for s in range(8)])
 
 
-def _start_driver(config: Path, cwd: Path | None = None, faults_json: str | None = None) -> subprocess.Popen:
+def _start_driver(config: Path, cwd: Path | None = None, faults_json: str | None = None,
+                  **env_vars: str) -> subprocess.Popen:
     """``vqpipe run`` as a person types it (the console script: ``python -m`` would itself put the
     current folder first on the driver's path)."""
-    env = dict(os.environ)
+    env = dict(os.environ, **env_vars)
     if faults_json:
         env[faults.ENV] = faults_json
     script = Path(sys.executable).parent / "vqpipe"
@@ -105,7 +106,8 @@ def test_second_ctrl_c_exits_at_once(tmp_path, tiny_model_path):
 
 def test_run_from_a_folder_holding_a_vqpipe_directory(tmp_path, tiny_model_path):
     """A clone of the repository in the current folder: Ray puts that folder on the workers' path,
-    where ``vqpipe/`` would be imported as a namespace package and every worker fail to start."""
+    where ``vqpipe/`` would be imported as a namespace package and every worker fail to start.
+    (``RAY_ADDRESS=""``, as a wrapper script may export it, means "not set": an embedded Ray.)"""
     keys = make_shards(tmp_path / "in", 2, per_shard=2)
     out = tmp_path / "out"
     config = write_config(tmp_path, tiny_model_path, str(tmp_path / "in" / "shard-*.tar"), out,
@@ -113,7 +115,7 @@ def test_run_from_a_folder_holding_a_vqpipe_directory(tmp_path, tiny_model_path)
     clone = tmp_path / "clone"
     (clone / "vqpipe").mkdir(parents=True)
     (clone / "vqpipe" / "README.md").write_text("the repository root, not the package\n")
-    rc, _, stderr = _finish(_start_driver(config, cwd=clone), timeout=240)
+    rc, _, stderr = _finish(_start_driver(config, cwd=clone, RAY_ADDRESS=""), timeout=240)
     assert rc == 0, stderr[-3000:]
     assert sorted(written_keys(out)) == sorted(keys)
 
