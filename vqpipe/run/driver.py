@@ -3,8 +3,10 @@
 Each :class:`ShardWorker` loads the model once and calls :func:`vqpipe.run.shard_job.process_shard`
 for shard after shard. The driver owns retries (actors run with ``max_task_retries=0``): an actor
 death requeues its shard, a shard that fails ``ray.max_retries`` times is recorded under
-``_vqpipe/failed/``, stragglers are re-run elsewhere, and commit markers decide which attempt's
-output stands, so no sample is written twice.
+``_vqpipe/failed/``, a worker that shows no progress for ``ray.shard_timeout_s`` is restarted and
+its shard requeued, stragglers are re-run elsewhere, and commit markers decide which attempt's
+output stands, so no sample is written twice. The run stops early, with its bookkeeping done, on
+a stop signal, on workers whose constructor keeps failing, and on a full output storage.
 """
 
 from __future__ import annotations
