@@ -14,12 +14,15 @@ from vqpipe.output.layout import FAILED_DIR, INTERNAL_DIR, MARKER_DIR
 log = logging.getLogger(__name__)
 
 
-def write_json(config: RunConfig, relative: str, data: dict) -> None:
+def write_json(config: RunConfig, relative: str, data: dict, atomic: bool = True) -> None:
+    """Write a record whole (through a temp file locally), or with ``atomic=False`` in place: a
+    full disk may have room for the new version of a file but not for a second copy of it."""
     fs, root = storage.filesystem(config.output.path, config.output.storage_options)
     path = posixpath.join(root, relative)
     body = (json.dumps(data, indent=2, default=str) + "\n").encode()
     retry.call(lambda: fs.makedirs(posixpath.dirname(path), exist_ok=True), f"mkdir for {path}")
-    retry.call(lambda: storage.write_atomic(fs, path, body), f"write {path}")
+    write = storage.write_atomic if atomic else (lambda fs, path, body: fs.pipe_file(path, body))
+    retry.call(lambda: write(fs, path, body), f"write {path}")
 
 
 def sweep_leftovers(config: RunConfig) -> None:

@@ -1,6 +1,6 @@
 """One run at a time per output folder: a lease under ``_vqpipe/``, taken create-only and kept
 fresh by a heartbeat; a second run is refused while it is live, and a lease whose heartbeat
-stopped (its run was killed) is taken over.
+stopped (its run was killed), or whose process on this machine is gone, is taken over.
 
 Two runs at once would stay exactly once (commit markers are create-only), but each would
 overwrite the other's manifest, and ``--overwrite`` would delete what the other is writing.
@@ -41,6 +41,19 @@ class Holder:
     pid: int
     heartbeat_at: float
 
+    def dead_here(self) -> bool:
+        """Held by a process of this machine that no longer exists (a killed run resumed at once:
+        no need to wait for its heartbeat to go stale)."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, another user's
+        return False
+
     def describe(self, now: float) -> str:
         return f"host {self.host}, pid {self.pid}, last heartbeat {now - self.heartbeat_at:.0f} s ago"
 
@@ -74,7 +87,7 @@ class Lease:
     def _take_over_if_stale(self) -> None:
         holder = self._holder()
         now = time.time()
-        if holder is not None and now - holder.heartbeat_at < self.stale_s:
+        if holder is not None and now - holder.heartbeat_at < self.stale_s and not holder.dead_here():
             raise OutputBusy(f"another run is writing this output ({holder.describe(now)}); wait for it to end, "
                              f"or, if it is dead, for its lease to go stale ({self.stale_s:.0f} s)")
         log.warning("taking over the lease of a run that stopped heartbeating (%s)",

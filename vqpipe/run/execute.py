@@ -10,6 +10,7 @@ from vqpipe import __version__
 from vqpipe.config import RunConfig
 from vqpipe.output.folder import sweep_leftovers, write_json
 from vqpipe.output.layout import MANIFEST
+from vqpipe.output.retry import is_storage_full
 from vqpipe.run.driver import run_on_ray
 from vqpipe.run.manifest import read_manifest
 from vqpipe.run.outcome import Outcome
@@ -54,13 +55,24 @@ def execute(config: RunConfig, plan: Plan, job: ShardSettings, fingerprint: dict
 
 
 def _write_final(config: RunConfig, manifest: dict, outcome: Outcome) -> None:
-    """The closing manifest; on a full disk it may not fit, which ends the run as failed, not as
-    a traceback (the manifest then still says ``running``, and the next run rewrites it)."""
+    """The closing manifest. On a full disk there may be no room for the temp copy an atomic
+    write needs: the manifest is then rewritten in place (the old one's blocks are reused), so it
+    does not stay at ``running``. If even that fails the run ends as failed, without a traceback."""
     try:
         write_json(config, MANIFEST, manifest)
+        return
     except OSError as err:
-        log.error("could not write %s: %s: %s", MANIFEST, type(err).__name__, err)
-        outcome.fatal = outcome.fatal or f"could not write the manifest ({type(err).__name__}: {err})"
+        if not is_storage_full(err):
+            return _unwritten(outcome, err)
+    try:
+        write_json(config, MANIFEST, manifest, atomic=False)
+    except OSError as err:
+        _unwritten(outcome, err)
+
+
+def _unwritten(outcome: Outcome, err: OSError) -> None:
+    log.error("could not write %s: %s: %s", MANIFEST, type(err).__name__, err)
+    outcome.fatal = outcome.fatal or f"could not write the manifest ({type(err).__name__}: {err})"
 
 
 def _iso(t: float) -> str:
