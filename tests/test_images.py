@@ -172,3 +172,12 @@ def test_max_pixels_rejects_from_the_header_before_decoding():
     photo = sf.png_bytes(sf.photo("astronaut", (300, 200)))
     assert ok({"png": photo}, max_pixels=300 * 200).pixels.shape == (R, R, 3)
     assert run({"png": photo}, max_pixels=300 * 200 - 1).reason == "too_large"
+
+
+def test_failure_messages_carry_no_memory_addresses():
+    """Pillow names the stream it could not read (``<_io.BytesIO object at 0x7fc8...>``): the same
+    bad sample must read the same in every run, on every worker."""
+    sample = Sample("k", {"jpg": b"not an image at all"}, "shard.tar")
+    first, second = preprocess(sample), preprocess(sample)
+    assert first.reason == "decode_error" and first.message == second.message
+    assert "0x" not in first.message and "BytesIO" in first.message

@@ -109,3 +109,18 @@ def test_force_upcast_turns_fp16_into_bf16_with_warning():
         assert model.autocast_dtype("bf16", "cpu") == torch.bfloat16
     with pytest.raises(ValueError, match="precision='fp8'"):
         model.autocast_dtype("fp8", "cpu")
+
+
+def test_storage_error_while_looking_for_weights_is_not_weights_not_found(checkpoint):
+    """A listing that fails for good is an I/O error, named as such; fsspec's own ``exists`` would
+    answer False and the user would hunt for a file that is there."""
+    import faultyfs
+
+    with pytest.raises(OSError) as info:
+        VQModel.from_pretrained(f"faulty://{checkpoint}", storage_options={
+            "target_protocol": "file", "rate": 0.0, "ops": ["list"], "always": ["diffusion_pytorch_model"]})
+    assert not isinstance(info.value, CheckpointError) and "not found" not in str(info.value)
+    assert faultyfs.FaultyFileSystem.injected["list"] > 0
+    # transient listing faults are retried: the checkpoint loads
+    VQModel.from_pretrained(f"faulty://{checkpoint}", storage_options={
+        "target_protocol": "file", "rate": 0.5, "seed": 1, "ops": ["list"]})

@@ -157,3 +157,27 @@ def test_max_pixels_skips_oversized_images_with_their_reason(tmp_path, tiny_mode
     assert sorted((f["key"], f["reason"]) for f in result.failures) == [("claims80mp", "too_large"),
                                                                       ("large", "too_large")]
     assert pq.read_table(tmp_path / "out" / "sizes.parquet").column("key").to_pylist() == ["small"]
+
+
+def test_float16_overflow_fails_only_the_overflowing_samples(tmp_path, tiny_model_path, pool):
+    names = ("astronaut", "chelsea", "coffee", "rocket")
+    members = [m for i, name in enumerate(names * 2) for m in sf.good_members(f"s{i}", name=name)]
+    shard = sf.write_tar(tmp_path / "photos.tar", members)
+    model, encoder, job = _setup(tiny_model_path, tmp_path / "f32", resolution=32, latent_dtype="float32")
+    process_shard(str(shard), "photos", job, encoder, pool)
+    table = pq.read_table(tmp_path / "f32" / "photos.parquet")
+    peaks = dict(zip(table.column("key").to_pylist(),
+                     np.abs(fixed_list_to_numpy(table.column("latents"))).reshape(len(table), -1).max(axis=1)))
+    low, high = sorted(set(peaks.values()))[1:3]
+    cut = float(np.sqrt(low * high))  # between two photos' peaks, far from either
+    # latents are h * scaling_factor: scale them so that peaks above the cut pass float16's 65504
+    model = load_model(ModelConfig(path=tiny_model_path, scaling_factor=model.config.scaling_factor * 65504 / cut))
+    encoder = TokenEncoder(model, torch.device("cpu"), "fp32", False, 4, (-1.0, 1.0))
+    job = make_settings(InputConfig(urls=("x",)), PreprocessConfig(resolution=32),
+                        OutputConfig(path=str(tmp_path / "f16"), latent_dtype="float16"), model, "fp32")
+    result = process_shard(str(shard), "photos", job, encoder, pool)
+    written = set(pq.read_table(tmp_path / "f16" / "photos.parquet", columns=["key"]).column("key").to_pylist())
+    assert written == {k for k, p in peaks.items() if p < cut} and 0 < len(written) < len(peaks)
+    failed = [f for f in result.failures if f["reason"] == "latent_overflow"]
+    assert {f["key"] for f in failed} == set(peaks) - written
+    assert all("set output.latent_dtype: float32" in f["message"] for f in failed)

@@ -1,16 +1,19 @@
 """``vqpipe`` command line: validates everything at the edge, then hands typed objects inward.
 
 Exit status: 0 all shards committed; 1 some shards failed (or the misconfiguration guard
-stopped the run; for ``inspect`` and ``decode``: a file that does not match its commit marker);
-2 usage or config error, with nothing written and no Ray started.
+stopped the run, or workers could not start; for ``inspect`` and ``decode``: a file that does not
+match its commit marker); 2 usage or config error, with nothing written and no Ray started;
+130 / 143 stopped by SIGINT / SIGTERM (the manifest says ``interrupted``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 
 from vqpipe import __version__
@@ -21,6 +24,7 @@ from vqpipe.output.layout import decode_dir
 log = logging.getLogger("vqpipe")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT; a run stopped by a signal exits 128 + its number
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as err:
         print(f"vqpipe: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C before the run started: nothing written yet
+        print("vqpipe: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 DESCRIPTION = """\
@@ -179,15 +186,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(_plan_text(config, plan, job, conflicts))
         return EXIT_OK
     ensure_writable(config)  # before anything is written or Ray starts
-    if conflicts:
-        remove_output(config)
-        plan = make_plan(config, args.limit_shards)
-    _report_damage(plan)
-    repair(config, plan.audit, set(plan.stems.values()))
-    if not plan.pending and not plan.missing:
-        print(nothing_to_do(config, plan))
-        return EXIT_OK
-    outcome = execute(config, plan, job, fingerprint)
+    with _output_lease(config):
+        if conflicts:
+            remove_output(config)
+            plan = make_plan(config, args.limit_shards)
+        _report_damage(plan)
+        repair(config, plan.audit, set(plan.stems.values()))
+        if not plan.pending and not plan.missing:
+            print(nothing_to_do(config, plan))
+            return EXIT_OK
+        outcome = execute(config, plan, job, fingerprint)
+    if outcome.interrupted:
+        print(f"vqpipe: interrupted by {signal.Signals(outcome.interrupted).name}; run again to resume",
+              file=sys.stderr)
+        return 128 + outcome.interrupted
+    if outcome.fatal:
+        print(f"vqpipe: error: {outcome.fatal}", file=sys.stderr)
+        return EXIT_FAILED
     if outcome.aborted:
         print(f"vqpipe: {outcome.aborted}", file=sys.stderr)
         return EXIT_FAILED
@@ -206,6 +221,21 @@ def _report_damage(plan) -> None:
     if plan.missing:
         log.warning("%d of %d input shards do not exist (first: %s): recorded as missing_shard failures",
                     len(plan.missing), plan.total, ", ".join(plan.missing[:3]))
+@contextlib.contextmanager
+def _output_lease(config: RunConfig):
+    """The output folder's lease for the block, or a usage error (exit 2, before Ray) while
+    another run holds it."""
+    from vqpipe.output.lease import Lease, OutputBusy
+
+    lease = Lease(config)
+    try:
+        lease.acquire()
+    except OutputBusy as err:
+        raise ConfigError(f"output.path {config.output.path}: {err}") from None
+    try:
+        yield lease
+    finally:
+        lease.release()
 
 
 def cmd_decode(args: argparse.Namespace) -> int:

@@ -2,9 +2,10 @@
 
 ``VQPIPE_FAULTS`` holds JSON: ``[{"stem": "shard-0001", "after_batches": 1, "action": "exit",
 "once": "/tmp/flag"}]``; ``stem`` is a shard's whole stem or its file-name part (``shard-0001`` for
-``shard-0001-1b2c3d4e``). ``action`` is ``exit`` (``os._exit``: the process dies as if killed), ``raise``,
-or ``sleep`` (for ``seconds``: a straggler). With ``once``, the fault fires only for the attempt that creates that file, so the
-retry succeeds.
+``shard-0001-1b2c3d4e``). ``action`` is ``exit`` (``os._exit``: the process dies as if killed),
+``raise``, ``sleep`` (for ``seconds``: a straggler) or ``stop`` (SIGSTOP itself: a worker hung for
+good). ``{"at": "worker_start", "action": "raise"}`` fails a worker's constructor instead. With
+``once``, the fault fires only for the attempt that creates that file, so the retry succeeds.
 
 ``{"action": "non_finite", "precision": "fp16"}`` makes the first image of every batch encoded
 in that precision come out NaN, as an overflowing checkpoint would (the fp32 redo is untouched).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import time
 
 ENV = "VQPIPE_FAULTS"
@@ -35,6 +37,9 @@ def after_batch(stem: str, batches_done: int) -> None:
             action = fault.get("action", "exit")
             if action == "exit":
                 os._exit(137)
+            if action == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)  # hung for good, as a stopped or wedged process is
+                continue
             if action == "sleep":
                 time.sleep(float(fault.get("seconds", 60)))
                 continue
@@ -48,6 +53,16 @@ def poison_latents(latents, precision: str):
             latents = latents.clone()
             latents[:1] = float("nan")
     return latents
+
+
+def worker_start() -> None:
+    """Faults with ``"at": "worker_start"`` fire as a worker starts: ``raise`` makes its
+    constructor fail (as a broken install or an unreadable model would)."""
+    for fault in _faults(os.environ.get(ENV, "")):
+        if fault.get("at") == "worker_start" and _claim(fault.get("once")):
+            if fault.get("action", "raise") == "exit":
+                os._exit(137)
+            raise InjectedFault("injected fault as the worker starts")
 
 
 def _claim(flag: str | None) -> bool:

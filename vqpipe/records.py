@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterable
+import re
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -23,6 +24,7 @@ FailureReason = Literal[
     "duplicate_key",  # the key already appeared earlier in the same shard
     "bad_member_name",  # absolute path, `..` component, or no extension
     "non_finite",  # the encoder produced NaN/inf for this sample
+    "latent_overflow",  # a latent value exceeds output.latent_dtype's range (float16: 65504)
 ]
 
 ShardErrorReason = Literal["missing_shard", "truncated_tar", "corrupt_tar", "read_error"]
@@ -38,6 +40,15 @@ class Sample:
     source: str
 
 
+_ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")
+
+
+def deterministic(message: str) -> str:
+    """``message`` without memory addresses (``<_io.BytesIO object at 0x7fc8...>`` becomes
+    ``<_io.BytesIO>``): the same failure reads the same in every run and on every worker."""
+    return _ADDRESS.sub("", message)
+
+
 @dataclass(frozen=True)
 class Failure:
     """A sample that was dropped, with a machine-readable ``reason`` and a human
@@ -46,6 +57,9 @@ class Failure:
     key: str
     reason: FailureReason
     message: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "message", deterministic(self.message))
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)

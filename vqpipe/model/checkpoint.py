@@ -19,6 +19,7 @@ from safetensors.torch import save as save_safetensors
 
 from vqpipe.model.config import VQModelConfig
 from vqpipe.model.errors import CheckpointError
+from vqpipe.output import storage
 
 if TYPE_CHECKING:
     from vqpipe.model.vq_model import VQModel
@@ -83,12 +84,14 @@ def read_config(fs: fsspec.AbstractFileSystem, config_path: str) -> VQModelConfi
 
 
 def _read_weights(fs: fsspec.AbstractFileSystem, root: str, allow_pickle: bool) -> tuple[str, bytes]:
+    # storage.exists, not fs.exists: fsspec's answers False on any error, so a dropped connection
+    # would read as "weights not found".
     weights_path = posixpath.join(root, WEIGHTS_NAME)
-    if fs.exists(weights_path):
+    if storage.exists(fs, weights_path):
         with fs.open(weights_path, "rb") as f:
             return weights_path, f.read()
     pickle_path = posixpath.join(root, PICKLE_WEIGHTS_NAME)
-    if fs.exists(pickle_path):
+    if storage.exists(fs, pickle_path):
         if not allow_pickle:
             raise CheckpointError(
                 f"{pickle_path}: refusing to load pickle weights (unpickling runs arbitrary code); convert the "

@@ -28,6 +28,17 @@ def to_fixed_list_array(values: np.ndarray, value_type: pa.DataType) -> pa.Fixed
     return array
 
 
+def overflowing_rows(values: np.ndarray, value_type: pa.DataType) -> np.ndarray:
+    """(N,) bool: the rows of (N, ...) floats holding a finite value that ``value_type`` cannot
+    hold (float16 tops out at 65504), so a writer can drop those rows instead of the batch."""
+    target = np.dtype(value_type.to_pandas_dtype())
+    if not np.issubdtype(target, np.floating) or np.finfo(target).max >= np.finfo(values.dtype).max:
+        return np.zeros(len(values), dtype=bool)
+    with np.errstate(over="ignore"):  # the overflow is what is being looked for
+        cast = values.astype(target)
+    return (np.isfinite(values) & ~np.isfinite(cast)).reshape(len(values), -1).any(axis=1)
+
+
 def _cast(flat: np.ndarray, target: np.dtype) -> np.ndarray:
     if flat.dtype == target:
         return flat

@@ -5,6 +5,7 @@
     _vqpipe/attempts/{stem}.{id}.attempt   one attempt's Parquet file before it is published
     _vqpipe/failed/{stem}.json     why a shard could not be written (retries exhausted)
     _vqpipe/run.json               the run manifest: fingerprint, status, totals
+    _vqpipe/lease.json             held by the live run (heartbeat): one run at a time per folder
     _vqpipe/decode/                the ``vqpipe decode`` report
     _vqpipe/publish/               what ``vqpipe publish`` uploads besides the card and data
 
@@ -23,6 +24,7 @@ FAILED_DIR = f"{INTERNAL_DIR}/failed"
 ATTEMPT_DIR = f"{INTERNAL_DIR}/attempts"
 ATTEMPT_SUFFIX = ".attempt"
 MANIFEST = f"{INTERNAL_DIR}/run.json"
+LEASE = f"{INTERNAL_DIR}/lease.json"
 DECODE_DIR = f"{INTERNAL_DIR}/decode"
 PUBLISH_DIR = f"{INTERNAL_DIR}/publish"  # the one part of _vqpipe/ that `vqpipe publish` uploads
 DATA_SUFFIX = ".parquet"

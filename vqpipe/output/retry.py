@@ -13,6 +13,7 @@ together.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import random
@@ -27,6 +28,9 @@ T = TypeVar("T")
 
 # OSErrors that say something true about the object, which asking again will not change.
 PERMANENT_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+# A full disk or an exhausted quota stays full for the seconds a retry waits; so does a read-only mount.
+STORAGE_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+PERMANENT_ERRNOS = (*STORAGE_FULL_ERRNOS, errno.EROFS)
 
 _jitter = random.Random()  # a private generator: never touch (or depend on) the global one
 
@@ -48,7 +52,13 @@ DEFAULT_POLICY = RetryPolicy()
 def is_transient(err: BaseException) -> bool:
     """Connection resets, timeouts and other I/O errors are worth another try; a missing or
     forbidden object, and anything that is not an ``OSError``, are not."""
-    return isinstance(err, OSError) and not isinstance(err, PERMANENT_ERRORS)
+    return (isinstance(err, OSError) and not isinstance(err, PERMANENT_ERRORS)
+            and err.errno not in PERMANENT_ERRNOS)
+
+
+def is_storage_full(err: BaseException) -> bool:
+    """No space left on the device, or the quota is spent: no shard can be written until it is freed."""
+    return isinstance(err, OSError) and err.errno in STORAGE_FULL_ERRNOS
 
 
 def call(fn: Callable[[], T], what: str, policy: RetryPolicy | None = None) -> T:

@@ -89,11 +89,15 @@ class _LocalAtomic:
         fsync_dir(os.path.dirname(self.path))
 
     def discard(self) -> None:
-        self.file.close()
         try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass  # already renamed or removed: nothing left to clean
+            self.file.close()  # flushes its buffer: raises on a full disk, and the file must still go
+        except OSError:
+            pass  # the data is being thrown away; what matters is that its temp file is removed
+        finally:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass  # already renamed or removed: nothing left to clean
 
 
 class _DeferredAtomic:
@@ -246,6 +250,14 @@ def glob(fs: AbstractFileSystem, pattern: str) -> dict[str, dict[str, Any]]:
         return {}
 
 
+def remove_file(fs: AbstractFileSystem, path: str) -> None:
+    """Remove ``path``; already gone is fine (transient errors retried)."""
+    try:
+        retry.call(lambda: fs.rm_file(path), f"remove {path}")
+    except FileNotFoundError:
+        pass
+
+
 def invalidate(fs: AbstractFileSystem, path: str) -> None:
     """Drop cached listings of ``path`` so the next listing sees other writers' files."""
     fs.invalidate_cache(path)
@@ -270,20 +282,40 @@ def sweep_incomplete_uploads(
     return len(stale)
 
 
-def sweep_stale_temp_files(fs: AbstractFileSystem, folder: str, older_than: timedelta = timedelta(hours=1)) -> int:
-    """Remove ``.NAME.UUID.tmp`` files a killed worker left in a local output folder.
+def sweep_stale_temp_files(fs: AbstractFileSystem, folder: str, older_than: timedelta = timedelta(hours=1),
+                           subfolders: tuple[str, ...] = ()) -> int:
+    """Remove ``.NAME.UUID.tmp`` files a killed worker left in a local output folder (and in its
+    ``subfolders``, relative: markers and records are written through temp files too).
 
     Readers never see them (dot prefix), but they take disk. The age guard spares live writers.
     Returns how many were removed; a no-op (0) off the local filesystem."""
-    if not is_local(fs) or not os.path.isdir(folder):
+    if not is_local(fs):
         return 0
     cutoff = time.time() - older_than.total_seconds()
     removed = 0
-    for entry in os.scandir(folder):
-        if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.stat().st_mtime <= cutoff:
-            os.unlink(entry.path)
-            removed += 1
+    for path in (folder, *(os.path.join(folder, sub) for sub in subfolders)):
+        if not os.path.isdir(path):
+            continue
+        for entry in os.scandir(path):
+            if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.stat().st_mtime <= cutoff:
+                os.unlink(entry.path)
+                removed += 1
     return removed
+
+
+def write_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` whole: a reader, or a disk that fills half way, never leaves a
+    truncated file (a local write goes through a temp file; an object PUT is whole already)."""
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    target = _LocalAtomic(path)
+    try:
+        target.file.write(data)
+    except BaseException:
+        target.discard()
+        raise
+    target.commit()
 
 
 def _multipart_uploads(fs: AbstractFileSystem, bucket: str, prefix: str) -> list[dict[str, Any]]:

@@ -3,8 +3,10 @@
 Each :class:`ShardWorker` loads the model once and calls :func:`vqpipe.run.shard_job.process_shard`
 for shard after shard. The driver owns retries (actors run with ``max_task_retries=0``): an actor
 death requeues its shard, a shard that fails ``ray.max_retries`` times is recorded under
-``_vqpipe/failed/``, stragglers are re-run elsewhere, and commit markers decide which attempt's
-output stands, so no sample is written twice.
+``_vqpipe/failed/``, a worker that shows no progress for ``ray.shard_timeout_s`` is restarted and
+its shard requeued, stragglers are re-run elsewhere, and commit markers decide which attempt's
+output stands, so no sample is written twice. The run stops early, with its bookkeeping done, on
+a stop signal, on workers whose constructor keeps failing, and on a full output storage.
 """
 
 from __future__ import annotations
@@ -13,37 +15,46 @@ import collections
 import dataclasses
 import logging
 import os
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
+import vqpipe
 from vqpipe import faults
 from vqpipe.config import RunConfig
 from vqpipe.encode.encoder import TokenEncoder
 from vqpipe.encode.fidelity import guard_verdict
 from vqpipe.model.loading import load_model, pick_device
-from vqpipe.output.folder import remove_json, write_json
 from vqpipe.output.layout import failure_record
-from vqpipe.records import sum_reasons
+from vqpipe.output.retry import is_storage_full
+from vqpipe.records import deterministic
+from vqpipe.run.bookkeeping import Records
+from vqpipe.run.guard import failure_verdict
 from vqpipe.run.outcome import Outcome
 from vqpipe.run.plan import Plan
 from vqpipe.run.progress import Progress
 from vqpipe.run.shard_job import ShardResult, make_settings, process_shard
+from vqpipe.run.stop import StopRequest
 
 log = logging.getLogger(__name__)
 
 # Only shards running longer than this are duplicated onto idle workers at the end of the queue.
 SPECULATE_AFTER_S = 5.0
+# A worker whose constructor raises this many times in a row stops the run: it will not get better.
+MAX_START_FAILURES = 3
 
 
 class ShardWorker:
     """A Ray actor holding one model on one device (state once, shards many)."""
 
     def __init__(self, config: RunConfig):
+        faults.worker_start()
         model = load_model(config.model)
         device = pick_device()
         self.encoder = TokenEncoder.from_config(model, device, config)
@@ -85,13 +96,31 @@ class Attempt:
     stem: str
     worker: int
     started: float
+    progress_at: float  # driver clock: when the worker last reported progress on it
+    beat: float | None = None  # the worker's own time stamp of that progress
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What actors the driver starts: :class:`ShardWorker`, or a stand-in with its methods
+    (``ready``, ``process``, ``heartbeat``) for measuring the driver alone."""
+
+    cls: type
+    count: int
+    num_gpus: float
+    num_cpus: float
+
+
+def worker_spec(config: RunConfig) -> WorkerSpec:
+    n, gpw, cpw = worker_shape(config)
+    return WorkerSpec(ShardWorker, n, gpw, cpw)
 
 
 def init_ray(config: RunConfig) -> None:
     if ray.is_initialized():
         return
     # `ray job submit` runs the driver with RAY_ADDRESS set: join that cluster, not a private one.
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    address = config.ray.address or os.environ.get("RAY_ADDRESS") or None  # RAY_ADDRESS="" is unset
     if address is None:
         start_embedded_ray()
     else:
@@ -111,7 +140,32 @@ def start_embedded_ray(**resources) -> None:
     would tell every user of the demo how to turn the protection off.
     """
     _quiet_auth_notice()
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False, **resources)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": _package_path()}}, **resources)
+
+
+def _package_path() -> str:
+    """The workers' PYTHONPATH, led by the folder this vqpipe is imported from.
+
+    Ray puts the driver's current folder first on its workers' ``sys.path``: run from a folder
+    holding a ``vqpipe/`` directory (a clone), a worker would import that as a namespace package
+    and fail. A regular package anywhere on the path wins over a namespace one, so naming this
+    package's own folder makes every worker import the driver's vqpipe, from any folder."""
+    parent = str(Path(vqpipe.__file__).resolve().parent.parent)
+    return os.pathsep.join(p for p in (parent, os.environ.get("PYTHONPATH")) if p)
+
+
+def _worker_env() -> dict | None:
+    """Fault-injection settings (crash tests) travel to the actors explicitly: actor processes
+    inherit the cluster's environment, not the driver's."""
+    return {"env_vars": {faults.ENV: os.environ[faults.ENV]}} if faults.ENV in os.environ else None
+
+
+def init_error(err: RayActorError) -> str:
+    """The constructor's own error, one line, out of Ray's account of an actor that failed to start."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    errors = [line for line in lines if re.match(r"^(?:[a-z_]\w*\.)*[A-Z]\w*: \S", line)]
+    return (errors[-1] if errors else _first_line(err))[:500]
 
 
 class _DropTokenAuthNotice(logging.Filter):
@@ -149,35 +203,62 @@ def worker_shape(config: RunConfig) -> tuple[int, float, int]:
 
 
 class Driver:
-    """Hands shards to workers from a queue and owns retries, stragglers and the guard."""
+    """Hands shards to workers from a queue and owns retries, hung workers, stragglers and the guard.
 
-    def __init__(self, config: RunConfig, plan: Plan, progress: Progress):
+    The loop never sleeps or blocks on one worker: pings and heartbeats are answered through
+    ``ray.wait``, and failure records are written by a background thread."""
+
+    def __init__(self, config: RunConfig, plan: Plan, progress: Progress, stop: StopRequest | None = None):
         self.config, self.plan, self.progress = config, plan, progress
+        self.stop = stop or StopRequest()
         self.queue = collections.deque(plan.pending)
         self.outcome = Outcome()
         self.in_flight: dict[ray.ObjectRef, Attempt] = {}
         self.restarting: dict[ray.ObjectRef, int] = {}  # ping ref -> worker index
+        self.ping_later: list[tuple[float, int]] = []  # (when, worker index): workers still restarting
+        self.beats: dict[ray.ObjectRef, ray.ObjectRef] = {}  # heartbeat ref -> the attempt's ref
+        self.start_failures: collections.Counter = collections.Counter()  # worker index -> in a row
         self.idle: list[int] = []
         self.guard_seen: list[ShardResult] = []
+        self.records = Records(config)
+        self.beat_every = min(30.0, max(0.5, config.ray.shard_timeout_s / 4))
+        self._last_beat = 0.0
 
-    def run(self) -> Outcome:
-        n, gpw, cpw = worker_shape(self.config)
-        # Fault-injection settings (crash tests) travel to the actors like any env var would not:
-        # actor processes inherit the cluster's environment, not the driver's.
-        env = {faults.ENV: os.environ[faults.ENV]} if faults.ENV in os.environ else {}
-        cls = ray.remote(ShardWorker).options(num_gpus=gpw, num_cpus=cpw, max_restarts=-1, max_task_retries=0,
-                                              max_concurrency=2, runtime_env={"env_vars": env} if env else None)
-        self.workers = [cls.remote(self.config) for _ in range(min(n, max(1, len(self.queue))))]
-        for i, worker in enumerate(self.workers):
-            self.restarting[worker.ready.remote()] = i
-        log.info("%d workers (%g GPU, %d CPU each), %d shards to do", len(self.workers), gpw, cpw, len(self.queue))
-        while (self.queue or self.in_flight) and not self.outcome.aborted:
+    def run(self, spec: WorkerSpec | None = None) -> Outcome:
+        spec = spec or worker_spec(self.config)
+        self.spec = spec
+        self.workers = [self._new_worker() for _ in range(min(spec.count, max(1, len(self.queue))))]
+        for i in range(len(self.workers)):
+            self._ping(i)
+        log.info("%d workers (%g GPU, %g CPU each), %d shards to do", len(self.workers), spec.num_gpus,
+                 spec.num_cpus, len(self.queue))
+        try:
+            self._loop()
+        finally:
+            for worker in self.workers:
+                ray.kill(worker)
+            self.records.close()
+        if self.stop.requested:
+            self.outcome.interrupted = self.stop.signum
+        return self.outcome
+
+    def _loop(self) -> None:
+        while (self.queue or self.in_flight) and not self.outcome.stopped and not self.stop.requested:
             self._assign()
             self._collect(timeout=1.0)
-            self._check_stragglers()
-        for worker in self.workers:
-            ray.kill(worker)
-        return self.outcome
+            self._ping_due()
+            self._watch_progress()
+            if self.records.storage_full and not self.outcome.fatal:
+                self.outcome.fatal = f"output storage full ({self.records.storage_full}): free space and run again"
+
+    def _new_worker(self):
+        spec = self.spec
+        return ray.remote(spec.cls).options(
+            num_gpus=spec.num_gpus, num_cpus=spec.num_cpus, max_restarts=-1, max_task_retries=0,
+            max_concurrency=2, runtime_env=_worker_env()).remote(self.config)
+
+    def _ping(self, index: int) -> None:
+        self.restarting[self.workers[index].ready.remote()] = index
 
     def _assign(self) -> None:
         while self.idle and self.queue:
@@ -191,7 +272,8 @@ class Driver:
     def _submit(self, worker: int, url: str) -> None:
         stem = self.plan.stems[url]
         ref = self.workers[worker].process.remote(url, stem)
-        self.in_flight[ref] = Attempt(url, stem, worker, time.time())
+        now = time.time()
+        self.in_flight[ref] = Attempt(url, stem, worker, now, now)
 
     def _speculate(self) -> None:
         """Near the end, re-run the oldest shard no one else is already duplicating."""
@@ -205,15 +287,19 @@ class Driver:
                 running[attempt.stem] += 1
 
     def _collect(self, timeout: float) -> None:
-        refs = list(self.in_flight) + list(self.restarting)
+        refs = list(self.in_flight) + list(self.restarting) + list(self.beats)
         if not refs:
-            time.sleep(min(timeout, 0.05))
+            time.sleep(min(timeout, 0.05))  # nothing to wait on: only re-pings are due
             return
         done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        if done:  # take everything else that is ready too, without waiting
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         for ref in done:
             if ref in self.restarting:
                 self._worker_back(ref)
-            else:
+            elif ref in self.beats:
+                self._heartbeat(ref)
+            elif ref in self.in_flight:
                 self._finish(ref, self.in_flight.pop(ref))
         self.progress.update(self.outcome)
 
@@ -221,24 +307,50 @@ class Driver:
         index = self.restarting.pop(ref)
         try:
             info = ray.get(ref)
-            log.info("worker %d ready on %s (device %s, GPU ids %s, %s, %s)", index, info["node"], info["device"],
-                     info["gpu_ids"], info["precision"], info["batches"])
-            self.idle.append(index)
-        except RayActorError:
+        except RayActorError as err:
+            self._not_started(index, err)
+            return
+        log.info("worker %d ready on %s (device %s, GPU ids %s, %s, %s)", index, info["node"], info["device"],
+                 info["gpu_ids"], info["precision"], info["batches"])
+        self.start_failures.pop(index, None)
+        self.idle.append(index)
+
+    def _not_started(self, index: int, err: RayActorError) -> None:
+        if not err.actor_init_failed:
             # Still restarting (Ray answers ActorUnavailableError meanwhile): ask again shortly.
-            time.sleep(1.0)
-            self.restarting[self.workers[index].ready.remote()] = index
+            self.ping_later.append((time.time() + 1.0, index))
+            return
+        # The constructor raised: Ray does not restart such an actor, so start a new one, a few times.
+        self.start_failures[index] += 1
+        error = init_error(err)
+        if self.start_failures[index] >= MAX_START_FAILURES:
+            self.outcome.fatal = f"workers cannot start ({self.start_failures[index]} tries in a row): {error}"
+            return
+        log.warning("worker %d failed to start (%s): starting it again", index, error)
+        self.workers[index] = self._new_worker()
+        self._ping(index)
+
+    def _ping_due(self) -> None:
+        now = time.time()
+        due = [i for when, i in self.ping_later if when <= now]
+        self.ping_later = [(when, i) for when, i in self.ping_later if when > now]
+        for index in due:
+            self._ping(index)
 
     def _finish(self, ref: ray.ObjectRef, attempt: Attempt) -> None:
         try:
             result: ShardResult = ray.get(ref)
         except RayActorError as err:
             self._failed_attempt(attempt, f"worker died: {_first_line(err)}")
-            self.restarting[self.workers[attempt.worker].ready.remote()] = attempt.worker
+            self._ping(attempt.worker)
             return
         except RayTaskError as err:
             self.idle.append(attempt.worker)
-            self._failed_attempt(attempt, _first_line(err.cause if err.cause else err))
+            cause = err.cause if err.cause else err
+            if is_storage_full(cause):  # every shard would fail the same way: stop, do not retry
+                self.outcome.fatal = f"output storage full ({_first_line(cause)}): free space and run again"
+                return
+            self._failed_attempt(attempt, _first_line(cause))
             return
         except RayError as err:  # e.g. a result that could not be deserialized or was lost
             self.idle.append(attempt.worker)
@@ -251,7 +363,8 @@ class Driver:
         if attempt.stem not in self.outcome.committed:
             self.outcome.committed[attempt.stem] = result
             self.outcome.failed.pop(attempt.stem, None)
-            remove_json(self.config, failure_record(attempt.stem))  # failed in an earlier run
+            if attempt.stem in self.plan.failed_before:  # a failure record of an earlier run
+                self.records.remove(failure_record(attempt.stem))
             self._guard(result)
             self._abandon_duplicates(attempt.stem)
 
@@ -261,8 +374,11 @@ class Driver:
         for ref, other in list(self.in_flight.items()):
             if other.stem == stem:
                 del self.in_flight[ref]
-                ray.kill(self.workers[other.worker], no_restart=False)
-                self.restarting[self.workers[other.worker].ready.remote()] = other.worker
+                self._restart(other.worker)
+
+    def _restart(self, worker: int) -> None:
+        ray.kill(self.workers[worker], no_restart=False)
+        self._ping(worker)
 
     def _failed_attempt(self, attempt: Attempt, error: str) -> None:
         stem = attempt.stem
@@ -274,30 +390,43 @@ class Driver:
             self.queue.append(attempt.url)
             return
         self.outcome.failed[stem] = error
-        write_json(self.config, failure_record(stem), {
+        self.records.write(failure_record(stem), {
             "source": attempt.url, "stem": stem, "attempts": self.outcome.attempts[stem], "error": error,
             "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
 
-    def _check_stragglers(self) -> None:
-        if not self.idle:
-            return
+    def _watch_progress(self) -> None:
+        """Ask busy workers how far they are, now and then; act on attempts that stopped moving."""
         now = time.time()
+        if now - self._last_beat >= self.beat_every:
+            self._last_beat = now
+            asked = set(self.beats.values())
+            for ref, attempt in self.in_flight.items():
+                if ref not in asked:
+                    self.beats[self.workers[attempt.worker].heartbeat.remote()] = ref
         timeout = self.config.ray.shard_timeout_s
-        running = collections.Counter(a.stem for a in self.in_flight.values())
         for ref, attempt in list(self.in_flight.items()):
-            if running[attempt.stem] > 1 or not self.idle or now - attempt.started < timeout:
-                continue
-            try:
-                beat = ray.get(self.workers[attempt.worker].heartbeat.remote(), timeout=5)
-            except (GetTimeoutError, RayActorError):
-                beat = None
-            last = beat[2] if beat and beat[0] == attempt.stem else attempt.started
-            if now - last > timeout:
-                log.warning("shard %s shows no progress for %.0f s: handing it to another worker", attempt.stem,
-                            now - last)
-                self._submit(self.idle.pop(), attempt.url)
-                running[attempt.stem] += 1
+            if now - attempt.progress_at > timeout and ref in self.in_flight:
+                self._stalled(ref, attempt, now - attempt.progress_at)
+
+    def _heartbeat(self, ref: ray.ObjectRef) -> None:
+        attempt = self.in_flight.get(self.beats.pop(ref))
+        try:
+            beat = ray.get(ref)
+        except RayError:
+            return  # the worker died: its shard's own answer says so
+        # The worker's clock only tells whether it moved: progress is timed on the driver's clock.
+        if attempt is not None and beat and beat[0] == attempt.stem and beat[2] != attempt.beat:
+            attempt.beat, attempt.progress_at = beat[2], time.time()
+
+    def _stalled(self, ref: ray.ObjectRef, attempt: Attempt, quiet_s: float) -> None:
+        """A worker hung mid-shard (a stuck read, a stopped process): restart it and requeue its
+        shard. Its partial output is uncommitted, so nothing of it is ever seen."""
+        log.warning("shard %s shows no progress for %.0f s on worker %d: restarting the worker and "
+                    "requeueing the shard", attempt.stem, quiet_s, attempt.worker)
+        del self.in_flight[ref]
+        self._restart(attempt.worker)
+        self._failed_attempt(attempt, f"no progress for {quiet_s:.0f} s (ray.shard_timeout_s)")
 
     def _guard(self, result: ShardResult) -> None:
         """Look at the first ``ray.guard_shards`` shards once they are in: a failure reason that
@@ -308,38 +437,14 @@ class Driver:
         self.guard_seen.append(result)
         if len(self.guard_seen) < min(cfg.guard_shards, self.plan.total):
             return
-        self.outcome.aborted = (self._failure_verdict()
+        self.outcome.aborted = (failure_verdict(self.guard_seen, cfg.guard_fail_fraction, self.config)
                                 or guard_verdict([r.audit for r in self.guard_seen],
                                                  self.config.model.min_code_agreement))
-
-    def _failure_verdict(self) -> str | None:
-        cfg = self.config.ray
-        reasons = sum_reasons(r.failures_by_reason for r in self.guard_seen)
-        total = sum(r.rows for r in self.guard_seen) + sum(reasons.values())
-        if cfg.guard_fail_fraction <= 0 or not reasons or not total:
-            return None
-        reason, count = next(iter(reasons.items()))  # most frequent first
-        if count / total >= cfg.guard_fail_fraction:
-            return guard_message(reason, count, total, len(self.guard_seen), self.config)
-        return None
-
-
-def guard_message(reason: str, count: int, total: int, shards: int, config: RunConfig) -> str:
-    hints = {
-        "no_image": f"input.image_keys is {list(config.input.image_keys)}: check the member extensions in "
-                    "your shards (e.g. `tar tf shard.tar | head`)",
-        "too_small": f"preprocess.min_size={config.preprocess.min_size} may be too high for this corpus",
-        "decode_error": "the image members may not be images, or the shards may be damaged",
-        "non_finite": "the model produces NaN/Inf on these inputs: check preprocess.value_range and precision",
-    }
-    return (f"stopping early: {count} of {total} samples in the first {shards} shards failed with "
-            f"'{reason}'. Likely fix: {hints.get(reason, 'check the config against the corpus')}. "
-            f"Raise ray.guard_fail_fraction or set it to 0 to run anyway.")
 
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[-1] if text else ''}"[:500]
+    return deterministic(f"{type(err).__name__}: {text[-1] if text else ''}")[:500]
 
 
 class GpuReconstruct:
@@ -377,9 +482,12 @@ def _reconstruct_on_worker(model_config, codes, latents, meta: dict):
     return reconstruct_images(model, codes, latents, meta), where
 
 
-def run_on_ray(config: RunConfig, plan: Plan, progress: Progress) -> Outcome:
+def run_on_ray(config: RunConfig, plan: Plan, progress: Progress, stop: StopRequest | None = None,
+               spec: WorkerSpec | None = None) -> Outcome:
+    stop = stop or StopRequest()
     init_ray(config)
+    stop.install()  # again: ray.init replaced the SIGTERM handler
     if not plan.pending:
-        return Outcome()
-    return Driver(config, plan, progress).run()
+        return Outcome(interrupted=stop.signum)
+    return Driver(config, plan, progress, stop).run(spec)
 

@@ -16,6 +16,22 @@ class Outcome:
     failed: dict[str, str] = field(default_factory=dict)  # stem -> last error
     attempts: collections.Counter = field(default_factory=collections.Counter)
     aborted: str | None = None  # misconfiguration guard message
+    fatal: str | None = None  # the run could not go on (workers cannot start, storage full)
+    interrupted: int | None = None  # the signal that stopped the run
+
+    @property
+    def stopped(self) -> bool:
+        """The run ended before its queue did."""
+        return bool(self.aborted or self.fatal or self.interrupted)
+
+    @property
+    def status(self) -> str:
+        """The manifest's ``status``."""
+        if self.interrupted:
+            return "interrupted"
+        if self.aborted:
+            return "aborted"
+        return "failed" if self.fatal or self.failed else "complete"
 
     @property
     def rows(self) -> int:

@@ -15,6 +15,7 @@ from vqpipe.config import ConfigError, RunConfig
 from vqpipe.input.presence import missing_inputs
 from vqpipe.input.urls import Expanded, expand, glob_reaches, normalise_url, shard_stem
 from vqpipe.output import storage
+from vqpipe.output.folder import failure_stems
 from vqpipe.output.markers import Audit, audit
 from vqpipe.output.ownership import foreign_files
 
@@ -30,6 +31,7 @@ class Plan:
     missing: list[str] = field(default_factory=list)  # pending urls whose input file does not exist
     passed_over: int = 0  # non-tar files the input globs matched
     audit: Audit = field(default_factory=Audit)  # the output's markers against its files
+    failed_before: set[str] = field(default_factory=set)  # stems with a failure record of an earlier run
 
     @property
     def total(self) -> int:
@@ -62,7 +64,8 @@ def make_plan(config: RunConfig, limit_shards: int | None = None) -> Plan:
     pending = [u for u in pending if u not in absent]
     if limit_shards is not None:
         pending = pending[:limit_shards]
-    return Plan(expanded.urls, stems, committed, pending, missing, expanded.passed_over, checked)
+    return Plan(expanded.urls, stems, committed, pending, missing, expanded.passed_over, checked,
+                failure_stems(config) & set(stems.values()))
 
 
 def _expand(config: RunConfig) -> Expanded:

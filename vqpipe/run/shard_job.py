@@ -33,6 +33,7 @@ from vqpipe.input.views import ViewRenderer, view_names
 from vqpipe.output.conditioning import conditioning_columns
 from vqpipe.records import Failure, Filtered, Preprocessed, Sample
 from vqpipe.input.shards import iter_samples
+from vqpipe.output.arrays import overflowing_rows
 from vqpipe.output.sink import ShardWriter, TokenLayout
 
 FORMAT_VERSION = 1
@@ -208,9 +209,10 @@ def _encode_and_write(batch: list[Preprocessed], url: str, encoder: TokenEncoder
     pixels = np.stack([p.pixels for p in batch])  # (B, R, R, 3), or (B, V, R, R, 3) with views
     encoded = encode_views(encoder, pixels if writer.layout.views > 1 or pixels.ndim == 4 else pixels[:, 0])
     times.encode_s += time.perf_counter() - started
-    keep = np.flatnonzero(encoded.finite)
-    for i in np.flatnonzero(~encoded.finite):
-        failures.append(Failure(batch[i].key, "non_finite", "latents are NaN/Inf even in fp32"))
+    good = encoded.finite & ~_overflowing(encoded.latents, writer.layout)
+    keep = np.flatnonzero(good)
+    for i in np.flatnonzero(~good):
+        failures.append(_bad_latents(batch[i].key, encoded.latents[i], bool(encoded.finite[i]), writer.layout))
     kept = [batch[i] for i in keep]
     started = time.perf_counter()
     writer.write(
@@ -225,6 +227,20 @@ def _encode_and_write(batch: list[Preprocessed], url: str, encoder: TokenEncoder
     sampler.offer([p.key for p in kept], [p.pixels for p in kept], encoded.codes[keep], encoded.latents[keep],
                   encoded.precision)
     return len(kept), encoded.amp_fallback
+
+
+def _overflowing(latents: np.ndarray, layout: TokenLayout) -> np.ndarray:
+    if not layout.write_latents:
+        return np.zeros(len(latents), dtype=bool)
+    return overflowing_rows(latents, layout.latent_type)
+
+
+def _bad_latents(key: str, latents: np.ndarray, finite: bool, layout: TokenLayout) -> Failure:
+    if not finite:
+        return Failure(key, "non_finite", "latents are NaN/Inf even in fp32")
+    peak = float(np.abs(latents).max())
+    return Failure(key, "latent_overflow", f"latent value {peak:.6g} exceeds {layout.latent_dtype}'s range: "
+                                           f"set output.latent_dtype: float32")
 
 
 def _marker(url: str, stem: str, rows: int, failures: list[Failure], filtered: list[Filtered], times: StageTimes,
