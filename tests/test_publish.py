@@ -74,7 +74,9 @@ def test_load_dataset_uses_the_card(output, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     publish.prepare(str(output), REPO)
-    dataset = load_dataset(str(output), split="train")
+    # cache_dir, not only the variable: datasets reads HF_DATASETS_CACHE once, at import, and a
+    # folder named like another one (out/) could be answered from a stale cache of that one.
+    dataset = load_dataset(str(output), split="train", cache_dir=str(tmp_path / "hf"))
     assert dataset.features["codes"] == Array2D((16, 16), "uint16")
     assert dataset.features["latents"] == Array3D((4, 16, 16), "float16")
     stored = dataset.data.schema  # Arrow, as the card declared it; the numpy format widens to int64 / float32

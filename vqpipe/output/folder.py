@@ -11,7 +11,7 @@ import uuid
 from vqpipe.config import ConfigError, RunConfig
 from vqpipe.output import retry, storage
 from vqpipe.output.layout import ATTEMPT_DIR, FAILED_DIR, INTERNAL_DIR, MARKER_DIR
-from vqpipe.output.markers import Audit, audit
+from vqpipe.output.markers import Audit, audit, listed_stems
 from vqpipe.output.ownership import owned_data_files
 from vqpipe.output.promote import promote, stale_attempts
 
@@ -25,8 +25,23 @@ def write_json(config: RunConfig, relative: str, data: dict, atomic: bool = True
     path = posixpath.join(root, relative)
     body = (json.dumps(data, indent=2, default=str) + "\n").encode()
     retry.call(lambda: fs.makedirs(posixpath.dirname(path), exist_ok=True), f"mkdir for {path}")
-    write = storage.write_atomic if atomic else (lambda fs, path, body: fs.pipe_file(path, body))
+    write = storage.write_atomic if atomic else _overwrite
     retry.call(lambda: write(fs, path, body), f"write {path}")
+
+
+def _overwrite(fs, path: str, body: bytes) -> None:
+    """In place, into the file's own blocks: truncating first would free them for another writer
+    on a full disk and leave half a record. A body that outgrows the file is written compact."""
+    if not storage.is_local(fs):
+        fs.pipe_file(path, body)
+        return
+    with open(path, "r+b" if fs.exists(path) else "wb") as handle:
+        size = handle.seek(0, 2)
+        if len(body) > size:
+            body = json.dumps(json.loads(body), separators=(",", ":"), default=str).encode()
+        handle.seek(0)
+        handle.write(body)
+        handle.truncate()
 
 
 def sweep_leftovers(config: RunConfig) -> None:
@@ -46,15 +61,7 @@ def sweep_leftovers(config: RunConfig) -> None:
 def failure_stems(config: RunConfig) -> set[str]:
     """Stems with a failure record, from one listing: the driver removes only these when their
     shards commit, instead of one storage call per committed shard."""
-    fs, root = storage.filesystem(config.output.path, config.output.storage_options)
-    folder = posixpath.join(root, FAILED_DIR)
-    storage.invalidate(fs, folder)
-    try:
-        names = retry.call(lambda: fs.ls(folder, detail=False), f"list {folder}")
-    except FileNotFoundError:
-        return set()
-    base = (posixpath.basename(n) for n in names)
-    return {b[: -len(".json")] for b in base if b.endswith(".json") and not b.startswith(".")}
+    return listed_stems(config.output.path, config.output.storage_options, FAILED_DIR)
 
 
 def remove_json(config: RunConfig, relative: str) -> None:

@@ -28,6 +28,20 @@ class Records:
     unreadable: dict[str, str] = field(default_factory=dict)  # path -> why it could not be used
 
 
+def listed_stems(output_url: str, storage_options: dict[str, Any], folder: str) -> set[str]:
+    """Stems of the ``{stem}.json`` records in ``folder`` (relative to the output), from one fresh
+    listing (caches dropped first); a listing that fails for good raises, never reads as empty."""
+    fs, root = storage.filesystem(output_url, storage_options)
+    path = posixpath.join(root, folder)
+    storage.invalidate(fs, path)
+    try:
+        names = retry.call(lambda: fs.ls(path, detail=False), f"list {path}")
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+    base = (posixpath.basename(n) for n in names)
+    return {b[: -len(".json")] for b in base if b.endswith(".json") and not b.startswith(".")}
+
+
 def read_records(fs: AbstractFileSystem, folder: str) -> Records:
     """Every ``{stem}.json`` in ``folder``. Transient errors are retried, and one that outlasts the
     retries is raised: a dropped listing must not read as "no records"."""

@@ -29,11 +29,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vqpipe.output import retry
 from vqpipe.output import storage
 from vqpipe.output.arrays import to_fixed_list_array
 from vqpipe.output.conditioning import conditioning_fields
 from vqpipe.output.layout import MARKER_DIR, attempt_file, data_path, marker_path
+from vqpipe.output.markers import listed_stems
 from vqpipe.output.promote import promote, remove_quietly
 
 ROW_GROUP_ROWS = 1024
@@ -316,16 +316,8 @@ def _required(values: np.ndarray | None, name: str) -> np.ndarray:
 
 
 def committed_stems(output_url: str, storage_options: dict[str, Any]) -> set[str]:
-    """Stems with a commit marker, listed fresh (caches dropped first)."""
-    fs, root = storage.filesystem(output_url, storage_options)
-    folder = posixpath.join(root, MARKER_DIR)
-    storage.invalidate(fs, folder)
-    try:
-        names = retry.call(lambda: fs.ls(folder, detail=False), f"list {folder}")
-    except FileNotFoundError:
-        return set()
-    base = (posixpath.basename(n) for n in names)
-    return {b[: -len(".json")] for b in base if b.endswith(".json") and not b.startswith(".")}
+    """Stems with a commit marker, listed fresh."""
+    return listed_stems(output_url, storage_options, MARKER_DIR)
 
 
 def read_marker(output_url: str, stem: str, storage_options: dict[str, Any]) -> dict[str, Any] | None:
