@@ -80,7 +80,7 @@ def test_passes_give_the_same_tokens_as_one_batch(model, compile, streams):
     whole = TokenEncoder(model, torch.device("cpu"), "fp32", False, 8, (-1.0, 1.0), micro_batch=8, streams=1)
     split = TokenEncoder(model, torch.device("cpu"), "fp32", compile, 8, (-1.0, 1.0), micro_batch=3,
                          streams=streams)
-    assert split.forward_batch(32, 32) == 3 and whole.forward_batch(32, 32) == 8
+    assert split.pass_size(32, 32) == 3 and whole.pass_size(32, 32) == 8
     assert split.streams == (1 if compile else streams)  # compiled graphs stay on one thread
     ours, reference = split(pixels), whole(pixels)  # 7 images -> passes of 3, 3 and 1 (padded if compiled)
     np.testing.assert_array_equal(ours.codes, reference.codes)
@@ -91,12 +91,12 @@ def test_auto_passes_are_cache_sized_on_cpu(model):
     encoder = TokenEncoder(model, torch.device("cpu"), "fp32", False, 16, (-1.0, 1.0), streams=2)
     # One 128 px image's live first-stage activations: 3 x 32 channels x 128 x 128 x 4 bytes = 6 MiB.
     encoder._cache = (24 * 2**20, 2)  # 24 MiB shared by both streams: 12 MiB each, room for 2
-    assert encoder.forward_batch(128, 128) == 2
+    assert encoder.pass_size(128, 128) == 2
     encoder._cache = (40 * 2**20, 1)  # a cache per stream: room for 6 -> 3 equal passes of 6 (not 6+6+4)
-    assert encoder.forward_batch(128, 128) == 6
-    assert encoder.forward_batch(8, 8) == 16  # tiny images: one pass
+    assert encoder.pass_size(128, 128) == 6
+    assert encoder.pass_size(8, 8) == 16  # tiny images: one pass
     capped = TokenEncoder(model, torch.device("cpu"), "fp32", False, 4, (-1.0, 1.0), micro_batch=32)
-    assert capped.forward_batch(8, 8) == 4  # never more than the batch
+    assert capped.pass_size(8, 8) == 4  # never more than the batch
 
 
 def test_auto_streams_follow_the_callers_threads_and_are_kept(model):

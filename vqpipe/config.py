@@ -108,7 +108,7 @@ class ModelConfig:
         "auto", doc="auto = fp16 on CUDA (bf16 when the checkpoint sets force_upcast), fp32 on CPU; "
                     "tf32 = fp32 tensors with TF32 matmuls and convolutions (CUDA)")
     compile: Literal["auto", True, False] = _f("auto", doc="torch.compile the encoder; auto = on for CUDA")
-    batch_size: int = _f(64, doc="images per encode step (and per GPU forward pass)")
+    batch_size: int = _f(64, doc="images per encoder call (on a GPU also per forward pass; see micro_batch)")
     micro_batch: Union[int, Literal["auto"]] = _f(
         "auto", doc="images per forward pass within a batch; auto = the batch on GPU, cache-sized on CPU")
     audit_samples: int = _f(

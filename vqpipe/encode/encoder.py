@@ -159,7 +159,7 @@ class TokenEncoder:
         tensor = tensor.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         return tensor.float().mul_(self._scale).add_(self._offset).contiguous(memory_format=self.memory_format)
 
-    def forward_batch(self, height: int, width: int) -> int:
+    def pass_size(self, height: int, width: int) -> int:
         """Images per forward pass for inputs of this size."""
         return self._plan(height, width)[0]
 
@@ -177,11 +177,11 @@ class TokenEncoder:
     def describe(self, resolution: int) -> str:
         """How a batch of ``resolution`` px images runs, for logs: ``batch 16 in passes of 2 on 2
         streams`` on a CPU."""
-        step, streams = self._plan(resolution, resolution)
-        if step >= self.batch_size:
+        pass_size, streams = self._plan(resolution, resolution)
+        if pass_size >= self.batch_size:
             return f"batch {self.batch_size} in one pass"
         on = f" on {streams.streams} single-threaded streams" if streams else ""
-        return f"batch {self.batch_size} in passes of {step}{on}"
+        return f"batch {self.batch_size} in passes of {pass_size}{on}"
 
     def encode_tensor(self, x: torch.Tensor, precision: str | None = None,
                       eager: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,18 +190,18 @@ class TokenEncoder:
         the encoder's; ``eager`` skips the compiled graph (and its padding): the fidelity audit's
         reference is the model itself in fp32."""
         precision = precision or self.precision
-        step, streams = self._plan(*x.shape[-2:])
-        if x.shape[0] <= step:
-            return self._encode_pass(x, step, precision, eager)
+        pass_size, streams = self._plan(*x.shape[-2:])
+        if x.shape[0] <= pass_size:
+            return self._encode_pass(x, pass_size, precision, eager)
         run = streams.map if streams else lambda fn, items: [fn(item) for item in items]
-        parts = run(lambda part: self._encode_pass(part, step, precision, eager), x.split(step))
+        parts = run(lambda part: self._encode_pass(part, pass_size, precision, eager), x.split(pass_size))
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def _encode_pass(self, x: torch.Tensor, step: int, precision: str,
+    def _encode_pass(self, x: torch.Tensor, pass_size: int, precision: str,
                      eager: bool) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             with precisions.compute(precision, self.device.type):
-                return self._encode_padded(x, step, precisions.autocast_dtype(precision), eager)
+                return self._encode_padded(x, pass_size, precisions.autocast_dtype(precision), eager)
         except torch.OutOfMemoryError:
             if x.shape[0] == 1:
                 raise
@@ -210,14 +210,14 @@ class TokenEncoder:
             log.warning("CUDA out of memory at batch %d: halving the batch size to %d", x.shape[0], self.batch_size)
             return self.encode_tensor(x, precision, eager)
 
-    def _encode_padded(self, x: torch.Tensor, step: int, dtype: torch.dtype | None,
+    def _encode_padded(self, x: torch.Tensor, pass_size: int, dtype: torch.dtype | None,
                        eager: bool) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
         if eager:
             return self.model.tokenize(x, autocast_dtype=dtype)
-        if not self.compiled or n >= step:
+        if not self.compiled or n >= pass_size:
             return self._tokenize(x, autocast_dtype=dtype)
-        pad = x[-1:].expand(step - n, *x.shape[1:])
+        pad = x[-1:].expand(pass_size - n, *x.shape[1:])
         padded = torch.cat([x, pad]).contiguous(memory_format=self.memory_format)
         codes, latents = self._tokenize(padded, autocast_dtype=dtype)
         return codes[:n], latents[:n]
