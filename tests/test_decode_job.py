@@ -18,7 +18,7 @@ import torch
 from runfiles import make_shards, write_config
 from vqpipe import VQModel, cli
 from vqpipe.output import sink
-from vqpipe.read import decode_job
+from vqpipe.read import decode_job, decode_report
 from vqpipe.output.arrays import fixed_list_to_numpy, to_fixed_list_array
 from vqpipe.input.images import preprocess
 from vqpipe.read.tokens import sample_rows
@@ -137,12 +137,12 @@ def test_report_shows_what_the_run_skipped_by_reason_with_keys(encoded, tmp_path
 def test_grid_labels_each_pair_with_its_psnr():
     size = 32
     recon = np.full((2, size, size, 3), 128, np.uint8)
-    canvas = np.asarray(decode_job.grid(["a", "b"], {}, recon, [23.4, None]).convert("L"))
-    line = decode_job.LABEL_LINE
+    canvas = np.asarray(decode_report.grid(["a", "b"], {}, recon, [23.4, None]).convert("L"))
+    line = decode_report.LABEL_LINE
     # The second label line of each pair holds its PSNR (or "no original"): dark text on white.
     assert (canvas[line:2 * line, : 2 * size] < 128).any() and (canvas[line:2 * line, 2 * size + 8:] < 128).any()
-    assert decode_job.pair_label(23.44) == "PSNR 23.4 dB" and decode_job.pair_label(float("inf")) == "lossless"
-    assert decode_job.pair_label(None) == "no original"
+    assert decode_report.pair_label(23.44) == "PSNR 23.4 dB" and decode_report.pair_label(float("inf")) == "lossless"
+    assert decode_report.pair_label(None) == "no original"
 
 
 def test_psnr_floor_fails_naming_the_worst_rows(encoded, tmp_path):
