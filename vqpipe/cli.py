@@ -163,20 +163,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.config is None:
         raise ConfigError("vqpipe run needs a config file: vqpipe run CONFIG.yaml (see configs/)")
-    from vqpipe.encode.precision import resolve_for
-    from vqpipe.output.folder import ensure_writable, remove_output, repair
-    from vqpipe.run import manifest
-    from vqpipe.run.execute import execute, nothing_to_do
-    from vqpipe.run.plan import make_plan
-    from vqpipe.run.shard_job import make_settings
-
     if args.limit_shards is not None and args.limit_shards < 1:
         raise ConfigError("--limit-shards must be >= 1")
+    from vqpipe.output.folder import ensure_writable
+    from vqpipe.run import manifest
+    from vqpipe.run.plan import make_plan
+
     config = load_config(args.config, args.overrides)
-    model = _load_model(config)
-    precision = resolve_for(config.model.precision, _device_hint(), model.config.force_upcast)
-    job = make_settings(config.input, config.preprocess, config.output, model, precision, config.model.audit_samples)
-    fingerprint = manifest.fingerprint(job.metadata, config)
+    job, fingerprint = _settings(config)
     plan = make_plan(config, args.limit_shards)
     conflicts = manifest.incompatibilities(manifest.recorded(config, plan.audit), fingerprint)
     if conflicts and not args.overwrite and not args.dry_run:
@@ -187,15 +181,40 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     ensure_writable(config)  # before anything is written or Ray starts
     with _output_lease(config):
-        if conflicts:
-            remove_output(config)
-            plan = make_plan(config, args.limit_shards)
-        _report_damage(plan)
-        repair(config, plan.audit, set(plan.stems.values()))
-        if not plan.pending and not plan.missing:
-            print(nothing_to_do(config, plan))
-            return EXIT_OK
-        outcome = execute(config, plan, job, fingerprint)
+        return _run_leased(config, args, plan, job, fingerprint, conflicts)
+
+
+def _settings(config: RunConfig):
+    """The shard settings for the config's model, and the fingerprint they give the output."""
+    from vqpipe.encode.precision import resolve_for
+    from vqpipe.run import manifest
+    from vqpipe.run.shard_job import make_settings
+
+    model = _load_model(config)
+    precision = resolve_for(config.model.precision, _device_hint(), model.config.force_upcast)
+    job = make_settings(config.input, config.preprocess, config.output, model, precision, config.model.audit_samples)
+    return job, manifest.fingerprint(job.metadata, config)
+
+
+def _run_leased(config: RunConfig, args: argparse.Namespace, plan, job, fingerprint: dict, conflicts) -> int:
+    """What the run does once it holds the output's lease: overwrite, repair, then run or say
+    there is nothing to do."""
+    from vqpipe.output.folder import remove_output, repair
+    from vqpipe.run.execute import execute, nothing_to_do
+    from vqpipe.run.plan import make_plan
+
+    if conflicts:
+        remove_output(config)
+        plan = make_plan(config, args.limit_shards)
+    _report_damage(plan)
+    repair(config, plan.audit, set(plan.stems.values()))
+    if not plan.pending and not plan.missing:
+        print(nothing_to_do(config, plan))
+        return EXIT_OK
+    return _exit_status(execute(config, plan, job, fingerprint))
+
+
+def _exit_status(outcome) -> int:
     if outcome.interrupted:
         print(f"vqpipe: interrupted by {signal.Signals(outcome.interrupted).name}; run again to resume",
               file=sys.stderr)
