@@ -153,6 +153,12 @@ class RunConfig:
     preprocess: PreprocessConfig = _f(PreprocessConfig())
     ray: RayConfig = _f(RayConfig())
 
+    @property
+    def decode_threads(self) -> int:
+        """Decode threads per worker: ``preprocess.decode_workers``, ``auto`` = the worker's CPUs."""
+        workers = self.preprocess.decode_workers
+        return self.ray.cpus_per_worker if workers == "auto" else workers
+
     def to_dict(self, redact: bool = True) -> dict:
         data = dataclasses.asdict(self)
         return redact_secrets(data) if redact else data

@@ -7,8 +7,9 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
 import re
+import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -117,3 +118,8 @@ def sum_reasons(counts: Iterable[dict[str, int]]) -> dict[str, int]:
         total.update({reason: int(n) for reason, n in c.items()})
     return dict(total.most_common())
 
+
+def shard_failure(url: str, stem: str, attempts: int, error: str) -> dict:
+    """The body of ``_vqpipe/failed/{stem}.json``: why a shard could not be written."""
+    return {"source": url, "stem": stem, "attempts": attempts, "error": error,
+            "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -95,12 +95,12 @@ def _decode_bench(config: RunConfig, args: argparse.Namespace) -> int:
 def _null_bench(config: RunConfig, args: argparse.Namespace) -> int:
     from vqpipe.bench import null_model
     from vqpipe.bench.inputs import bench_samples
-    from vqpipe.bench.measure import decode_threads, load_bench_model
+    from vqpipe.bench.measure import load_bench_model
     from vqpipe.model.loading import pick_device
 
     images, source = bench_samples(config, args.samples, _jpeg_size(args.jpeg_size), args.jpeg_quality)
     encoder = null_model.null_encoder(config, load_bench_model(config), pick_device())
-    figures = null_model.run_null_bench(config, images, source, encoder, decode_threads(config), args.repeats)
+    figures = null_model.run_null_bench(config, images, source, encoder, config.decode_threads, args.repeats)
     print(null_model.format_null_report(figures, args.config))
     return 0
 

@@ -100,11 +100,6 @@ def load_bench_model(config: RunConfig):
         raise ConfigError(f"model.path {config.model.path!r} cannot be read: {err}") from None
 
 
-def decode_threads(config: RunConfig) -> int:
-    workers = config.preprocess.decode_workers
-    return config.ray.cpus_per_worker if workers == "auto" else workers
-
-
 def _encoder(config: RunConfig) -> TokenEncoder:
     return TokenEncoder.from_config(load_bench_model(config), pick_device(), config)
 
@@ -112,7 +107,7 @@ def _encoder(config: RunConfig) -> TokenEncoder:
 def _setup(config: RunConfig, encoder: TokenEncoder, samples: int, repeats: int, source: str,
            torch_threads: int | None) -> Setup:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = decode_threads(config)
+    threads = config.decode_threads
     cuda = encoder.device.type == "cuda"
     if torch_threads is None:
         # As in a CPU-only worker: Ray sets an actor's torch threads to its CPUs (ray.cpus_per_worker,

@@ -33,7 +33,7 @@ from vqpipe.encode.fidelity import guard_verdict
 from vqpipe.model.loading import load_model, pick_device
 from vqpipe.output.layout import failure_record
 from vqpipe.output.retry import is_storage_full
-from vqpipe.records import deterministic
+from vqpipe.records import deterministic, shard_failure
 from vqpipe.run.bookkeeping import Records
 from vqpipe.run.guard import failure_verdict
 from vqpipe.run.outcome import Outcome
@@ -60,9 +60,7 @@ class ShardWorker:
         self.encoder = TokenEncoder.from_config(model, device, config)
         self.job = make_settings(config.input, config.preprocess, config.output, model, self.encoder.precision,
                                  config.model.audit_samples)
-        workers = config.preprocess.decode_workers
-        self.pool = ThreadPoolExecutor(config.ray.cpus_per_worker if workers == "auto" else workers,
-                                       thread_name_prefix="vqpipe-decode")
+        self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="vqpipe-decode")
         self.current: tuple[str, int, float] | None = None
         self.resolution = config.preprocess.resolution
 
@@ -390,10 +388,7 @@ class Driver:
             self.queue.append(attempt.url)
             return
         self.outcome.failed[stem] = error
-        self.records.write(failure_record(stem), {
-            "source": attempt.url, "stem": stem, "attempts": self.outcome.attempts[stem], "error": error,
-            "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        })
+        self.records.write(failure_record(stem), shard_failure(attempt.url, stem, self.outcome.attempts[stem], error))
 
     def _watch_progress(self) -> None:
         """Ask busy workers how far they are, now and then; act on attempts that stopped moving."""

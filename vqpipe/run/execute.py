@@ -11,6 +11,7 @@ from vqpipe.config import RunConfig
 from vqpipe.output.folder import sweep_leftovers, write_json
 from vqpipe.output.layout import MANIFEST, failure_record
 from vqpipe.output.retry import is_storage_full
+from vqpipe.records import shard_failure
 from vqpipe.run.manifest import read_manifest
 from vqpipe.run.outcome import Outcome
 from vqpipe.run.plan import Plan
@@ -79,8 +80,7 @@ def record_missing(config: RunConfig, plan: Plan) -> dict[str, str]:
     errors = {}
     for url in plan.missing:
         stem, error = plan.stems[url], f"ShardError: missing_shard: {url} does not exist"
-        write_json(config, failure_record(stem), {"source": url, "stem": stem, "attempts": 0, "error": error,
-                                                  "failed_at": _iso(time.time())})
+        write_json(config, failure_record(stem), shard_failure(url, stem, 0, error))
         errors[stem] = error
     return errors
 
