@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
@@ -44,6 +43,7 @@ from vqpipe.input.images import Rejected, preprocess, resize_center_crop, to_rgb
 from vqpipe.records import Failure, Preprocessed, Sample
 from vqpipe.run.shard_job import ShardSettings, make_settings
 from vqpipe.output.sink import arrow_schema
+from vqpipe.torch_threads import single_threaded_pool
 
 KEY_COLUMNS = ("__key__", "key", "path")  # read_webdataset, a table of your own, read_images(include_paths=True)
 FAILURE_COLUMNS = ("reason", "message")
@@ -80,7 +80,7 @@ class Tokenize:
         self.job: ShardSettings = make_settings(config.input, config.preprocess, config.output, loaded, precision_name)
         self.schema = output_schema(self.job)
         # Ray sets an actor's torch threads to its num_cpus (OMP_NUM_THREADS): decode on as many.
-        self.pool = ThreadPoolExecutor(decode_threads or torch.get_num_threads(), thread_name_prefix="vqpipe-decode")
+        self.pool = single_threaded_pool(decode_threads or torch.get_num_threads(), "vqpipe-decode")
 
     def __call__(self, batch: dict[str, np.ndarray] | pa.Table) -> pa.Table:
         rows = _rows(batch)

@@ -7,7 +7,6 @@ import os
 import resource
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -40,6 +39,7 @@ from vqpipe.config import ConfigError, RunConfig
 from vqpipe.encode.encoder import TokenEncoder
 from vqpipe.model.loading import load_model, pick_device
 from vqpipe.run.shard_job import ShardResult
+from vqpipe.torch_threads import single_threaded_pool
 
 
 def run_bench(config: RunConfig, samples: int, repeats: int, jpeg_size: tuple[int, int] | None = None,
@@ -51,7 +51,7 @@ def run_bench(config: RunConfig, samples: int, repeats: int, jpeg_size: tuple[in
     setup = _setup(config, encoder, samples, repeats, source, torch_threads)
     threads_before = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="vqpipe-bench-") as tmp, \
-            ThreadPoolExecutor(setup.decode_threads, thread_name_prefix="vqpipe-decode") as pool:
+            single_threaded_pool(setup.decode_threads, "vqpipe-decode") as pool:
         try:
             x = model_input(images, config, encoder)
             pipelines = pipeline_probes(images, config, encoder, setup, Path(tmp), pool)

@@ -1,23 +1,31 @@
 """``vqpipe bench CONFIG --null-model``: the worker's pipeline with a model that costs nothing.
 
-:class:`NullEncoder` is the configured :class:`~vqpipe.encode.TokenEncoder` (same upload, same
-NaN check, same copy back) whose forward pass returns zero codes and latents of the model's
-shapes, preallocated on the device. What ``process_shard`` then measures is everything the
-pipeline adds around the model: shard reading, image decoding on the decode threads, batching,
-upload, Parquet writing and the commit. Reported: img/s, img/s per decode thread, the main
-thread's own CPU time per image (the consumer: batching, upload, writing; ``time.thread_time``),
-and the decode stage's wall time per image (above the per-core figure when the threads wait for
-a core or the GIL).
+:class:`NullEncoder` is the configured :class:`~vqpipe.encode.TokenEncoder` (same staging, same
+upload, same NaN check, same copy back) whose forward pass returns zero codes and latents of the
+model's shapes, preallocated on the device. What ``process_shard`` then measures is everything
+the pipeline adds around the model: shard reading, image decoding on the decode threads,
+batching, upload, Parquet writing and the commit -- the CPU half of a GPU worker.
+
+On a CPU device the uint8 -> float scaling of the model's input is device work like the model
+itself (a GPU worker runs it on the GPU after a uint8 upload), so the null encoder copies the
+batch into a device-side uint8 buffer, as the upload would, and skips the scaling.
+
+Reported: img/s, img/s per decode thread, and the CPU time per image of each thread
+(``time.thread_time``): the main thread (batching, upload, handing rows to the writer), the
+shard-reading thread (tar parsing), the decode threads (summed) and the Parquet writing thread.
+The reading, main and writing threads are one each per worker process, so the slowest of them
+is the ceiling one process can feed whatever its core count; everything summed is what a worker
+needs in cores per image/s.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vqpipe.bench.inputs import write_shard
@@ -26,6 +34,7 @@ from vqpipe.config import RunConfig
 from vqpipe.encode.encoder import TokenEncoder
 from vqpipe.records import Sample
 from vqpipe.run.shard_job import process_shard
+from vqpipe.torch_threads import single_threaded_pool
 
 
 class NullEncoder(TokenEncoder):
@@ -37,6 +46,16 @@ class NullEncoder(TokenEncoder):
         side = resolution // cfg.downsample_factor
         self._codes = torch.zeros(self.batch_size, side, side, dtype=torch.int64, device=self.device)
         self._latents = torch.zeros(self.batch_size, cfg.embed_dim, side, side, device=self.device)
+        self._uploaded: torch.Tensor | None = None
+
+    def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
+        if self.device.type != "cpu":
+            return super()._to_device(pixels)  # the upload is the host's work, the scaling the GPU's
+        if self._uploaded is None or self._uploaded.shape[1:] != pixels.shape[1:] or len(self._uploaded) < len(pixels):
+            self._uploaded = torch.empty((max(len(pixels), self.batch_size), *pixels.shape[1:]), dtype=torch.uint8)
+        uploaded = self._uploaded[:len(pixels)]
+        np.copyto(uploaded.numpy(), pixels)  # one memcpy, as the DMA would be: no OpenMP team
+        return uploaded.permute(0, 3, 1, 2)
 
     def encode_tensor(self, x: torch.Tensor, precision: str | None = None,
                       eager: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +74,16 @@ class NullFigures:
     samples: int
     repeats: int
     images: str
+    read_cpu_ms_per_img: float = 0.0  # the shard-reading thread
+    decode_cpu_ms_per_img: float = 0.0  # summed over the decode threads
+    write_cpu_ms_per_img: float = 0.0  # the Parquet writing thread
+    process_cpu_ms_per_img: float = 0.0  # every thread of the process
+
+    @property
+    def serial_ceiling_img_s(self) -> float:
+        """What one process can feed with unlimited cores: its slowest one-per-process thread."""
+        slowest = max(self.main_thread_ms_per_img, self.read_cpu_ms_per_img, self.write_cpu_ms_per_img)
+        return 1e3 / slowest if slowest else float("inf")
 
 
 def null_encoder(config: RunConfig, model, device: torch.device) -> NullEncoder:
@@ -65,22 +94,35 @@ def null_encoder(config: RunConfig, model, device: torch.device) -> NullEncoder:
 
 def run_null_bench(config: RunConfig, images: list[Sample], source: str, encoder: NullEncoder,
                    decode_threads: int, repeats: int) -> NullFigures:
-    """Median over ``repeats`` runs of ``process_shard`` on a scratch shard of ``images``."""
+    """Median over ``repeats`` runs of ``process_shard`` on a scratch shard of ``images``.
 
+    On a CPU device the main thread runs its torch ops (the NaN check) on one thread, as a GPU
+    worker's host would: its device work is the GPU's, and an OpenMP team of the machine's size
+    would spin on the cores the decode threads need."""
     runs = []
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="vqpipe-bench-null-") as tmp, \
-            ThreadPoolExecutor(decode_threads, thread_name_prefix="vqpipe-decode") as pool:
+            single_threaded_pool(decode_threads, "vqpipe-decode") as pool:
+        if encoder.device.type == "cpu":
+            torch.set_num_threads(1)
         url = write_shard(Path(tmp) / "bench.tar", images)
         job = scratch_job(config, encoder, url, str(Path(tmp) / "out"))
         process_shard(url, "warm", job, encoder, pool)
         for i in range(repeats):
-            cpu, started = time.thread_time(), time.perf_counter()
+            cpu, process_cpu, started = time.thread_time(), time.process_time(), time.perf_counter()
             result = process_shard(url, f"run-{i}", job, encoder, pool)
-            runs.append((result.rows / (time.perf_counter() - started), time.thread_time() - cpu, result))
-    img_s, main_cpu, result = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
-    rows = max(result.rows, 1)
-    return NullFigures(img_s, img_s / decode_threads, 1e3 * main_cpu / rows, 1e3 * result.times.decode_s / rows,
-                       result.rows, decode_threads, len(images), repeats, source)
+            runs.append((result.rows / (time.perf_counter() - started), time.thread_time() - cpu,
+                         time.process_time() - process_cpu, result))
+        torch.set_num_threads(threads)
+    img_s, main_cpu, process_cpu, result = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
+    rows, times = max(result.rows, 1), result.times
+    per_image = 1e3 / rows
+    return NullFigures(img_s, img_s / decode_threads, main_cpu * per_image, times.decode_s * per_image,
+                       result.rows, decode_threads, len(images), repeats, source,
+                       read_cpu_ms_per_img=times.read_cpu_s * per_image,
+                       decode_cpu_ms_per_img=times.decode_cpu_s * per_image,
+                       write_cpu_ms_per_img=times.write_cpu_s * per_image,
+                       process_cpu_ms_per_img=process_cpu * per_image)
 
 
 def format_null_report(f: NullFigures, config_path: str) -> str:
@@ -90,8 +132,12 @@ def format_null_report(f: NullFigures, config_path: str) -> str:
         "| figure | value |", "|---|---:|",
         f"| pipeline, model replaced by zeros (img/s) | {f.img_s:.1f} |",
         f"| img/s per decode thread | {f.img_s_per_decode_thread:.1f} |",
-        f"| main thread CPU per image (ms) | {f.main_thread_ms_per_img:.3f} |",
+        f"| CPU ms per image: main thread (batching, upload, handing rows over) | {f.main_thread_ms_per_img:.3f} |",
+        f"| CPU ms per image: shard-reading thread (tar parsing) | {f.read_cpu_ms_per_img:.3f} |",
+        f"| CPU ms per image: decode threads, summed | {f.decode_cpu_ms_per_img:.3f} |",
+        f"| CPU ms per image: Parquet writing thread | {f.write_cpu_ms_per_img:.3f} |",
+        f"| CPU ms per image: the whole process | {f.process_cpu_ms_per_img:.3f} |",
         f"| decode wall time per image, summed over decode threads (ms) | {f.decode_ms_per_img:.3f} |",
+        f"| one process's ceiling: its slowest single thread (img/s) | {f.serial_ceiling_img_s:.0f} |",
         f"| rows written | {f.rows} |",
     ])
-

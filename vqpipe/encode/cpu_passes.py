@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import math
 import logging
-import threading
 import weakref
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
 import torch
+
+from vqpipe.torch_threads import single_threaded_pool, torch_threads_of
 
 log = logging.getLogger(__name__)
 
@@ -94,35 +94,14 @@ def cpu_micro_batch(batch_size: int, first_channels: int, height: int, width: in
 
 
 class Streams:
-    """``streams`` threads that each run torch ops on one thread of their own.
-
-    torch's intra-op thread count is an OpenMP setting of each calling thread, initialised from a
-    process-wide default on the thread's first op. Each stream thread fixes its own to 1; the
-    default (and so every other thread, the caller's included) is left as it was.
-    """
+    """``streams`` threads that each run torch ops on one thread of their own
+    (:func:`vqpipe.torch_threads.single_threaded_pool`)."""
 
     def __init__(self, streams: int):
         self.streams = streams
-        self._pool = ThreadPoolExecutor(streams, thread_name_prefix="vqpipe-encode")
+        self._pool = single_threaded_pool(streams, "vqpipe-encode")
         weakref.finalize(self, self._pool.shutdown, wait=False)
-        ready = threading.Barrier(streams)
-        before = torch.get_num_threads()
-        # One task per thread, held at the barrier until all have started: every thread is set up.
-        list(self._pool.map(lambda _: self._one_thread(ready), range(streams)))
-        torch.set_num_threads(before)
-        self.single_threaded = all(n == 1 for n in self._pool.map(lambda _: self._threads_here(ready),
-                                                                    range(streams)))
-
-    @staticmethod
-    def _one_thread(ready: threading.Barrier) -> None:
-        torch.get_num_threads()  # the thread's first torch call initialises it from the default...
-        torch.set_num_threads(1)  # ...so set it after, or that initialisation would undo this
-        ready.wait(timeout=60)
-
-    @staticmethod
-    def _threads_here(ready: threading.Barrier) -> int:
-        ready.wait(timeout=60)
-        return torch.get_num_threads()
+        self.single_threaded = all(n == 1 for n in torch_threads_of(self._pool, streams))
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """``[fn(item) ...]`` in order, computed on the streams under inference mode (a per-thread

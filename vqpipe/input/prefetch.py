@@ -23,6 +23,7 @@ _DONE = object()
 @dataclass
 class PrefetchStats:
     source_s: float = 0.0  # time spent pulling items from the source (shard reading)
+    source_cpu_s: float = 0.0  # the producer thread's CPU time: tar parsing holds the GIL, decoding need not
     wait_s: float = 0.0  # time the consumer waited for a result that was not ready
 
 
@@ -63,6 +64,7 @@ def ordered_parallel_map(fn: Callable[[T], R], items: Iterable[T], pool: Executo
 
 def _produce(fn, items, pool: Executor, pending: queue.Queue, stop: threading.Event, stats: PrefetchStats) -> None:
     iterator = iter(items)
+    cpu = time.thread_time()
     try:
         while not stop.is_set():
             started = time.perf_counter()
@@ -80,6 +82,7 @@ def _produce(fn, items, pool: Executor, pending: queue.Queue, stop: threading.Ev
         close = getattr(iterator, "close", None)
         if close is not None and stop.is_set():
             close()
+        stats.source_cpu_s = time.thread_time() - cpu
     _put(pending, _DONE, stop)
 
 

@@ -18,7 +18,6 @@ import os
 import re
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from vqpipe.run.plan import Plan
 from vqpipe.run.progress import Progress
 from vqpipe.run.shard_job import ShardResult, make_settings, process_shard
 from vqpipe.run.stop import StopRequest
+from vqpipe.torch_threads import single_threaded_pool
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ShardWorker:
         self.encoder = TokenEncoder.from_config(model, device, config)
         self.job = make_settings(config.input, config.preprocess, config.output, model, self.encoder.precision,
                                  config.model.audit_samples)
-        self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="vqpipe-decode")
+        self.pool = single_threaded_pool(config.decode_threads, "vqpipe-decode")
         self.current: tuple[str, int, float] | None = None
         self.resolution = config.preprocess.resolution
 

@@ -35,6 +35,7 @@ from vqpipe.records import Failure, Filtered, Preprocessed, Sample
 from vqpipe.input.shards import iter_samples
 from vqpipe.output.arrays import overflowing_rows
 from vqpipe.output.sink import ShardWriter, TokenLayout
+from vqpipe.output.write_behind import WriteBehind
 
 FORMAT_VERSION = 1
 FILTERED_EXAMPLES = 5  # filtered samples named per rule in a shard's marker (all are counted)
@@ -59,12 +60,16 @@ class ShardSettings:
 @dataclass
 class StageTimes:
     read_s: float = 0.0
-    decode_s: float = 0.0  # summed over decode threads (CPU-seconds)
+    decode_s: float = 0.0  # wall time, summed over the decode threads
     encode_s: float = 0.0
     audit_s: float = 0.0  # the fidelity audit: fp32 re-encode and decode of a few images
     write_s: float = 0.0
     wait_s: float = 0.0  # time the model sat waiting for a preprocessed batch
     total_s: float = 0.0
+    # CPU time per stage, as the null-model bench reports it: which thread caps a worker process
+    read_cpu_s: float = 0.0  # the shard-reading thread (tar parsing)
+    decode_cpu_s: float = 0.0  # summed over the decode threads
+    write_cpu_s: float = 0.0  # the Parquet writing thread
 
 
 @dataclass
@@ -126,7 +131,7 @@ def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder
     switches_before = len(encoder.switches)
     # The file records the precision its batches ran in: a worker that fell back says so from then on.
     metadata = {**job.metadata, "precision": encoder.precision}
-    writer = ShardWriter(job.output.path, stem, job.layout, metadata, job.output.storage_options)
+    writer = WriteBehind(ShardWriter(job.output.path, stem, job.layout, metadata, job.output.storage_options))
     sampler = fidelity_audit.AuditSampler(job.audit_samples if encoder.precision != "fp32" else 0, stem)
     rows = amp_fallbacks = 0
     try:
@@ -138,7 +143,9 @@ def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder
             rows, amp_fallbacks = rows + written, amp_fallbacks + amp_fallback
             on_progress(rows)
             faults.after_batch(stem, n + 1)
-        times.read_s, times.wait_s = stats.source_s, stats.wait_s
+        writer.drain()  # its failure aborts here, and the writing time is known for the marker
+        times.read_s, times.wait_s, times.write_s = stats.source_s, stats.wait_s, writer.busy_s
+        times.read_cpu_s, times.write_cpu_s = stats.source_cpu_s, writer.cpu_s
         audit = _audit(job, encoder, sampler, times)
         switches = encoder.switches[switches_before:]
         marker = {**_marker(url, stem, rows, failures, filtered, times, amp_fallbacks, str(encoder.device), started),
@@ -170,19 +177,20 @@ def _audit(job: ShardSettings, encoder: TokenEncoder, sampler: fidelity_audit.Au
     return record
 
 
-def _timed_preprocess(job: ShardSettings, sample: Sample) -> tuple[Preprocessed | Failure | Filtered, float]:
-    started = time.perf_counter()
+def _timed_preprocess(job: ShardSettings, sample: Sample) -> tuple[Preprocessed | Failure | Filtered, float, float]:
+    started, cpu = time.perf_counter(), time.thread_time()
     cfg = job.preprocess
     # Filters first: a filtered sample costs a JSON parse and at most an image header, no decode.
     result = job.screen(sample) or preprocess(sample, job.input.image_keys, cfg.resolution, cfg.min_size,
                                               max_pixels=cfg.max_pixels, fast=cfg.fast_jpeg, render=job.render)
-    return result, time.perf_counter() - started
+    return result, time.perf_counter() - started, time.thread_time() - cpu
 
 
-def _keep_good(results: Iterable[tuple[Preprocessed | Failure | Filtered, float]], failures: list[Failure],
+def _keep_good(results: Iterable[tuple[Preprocessed | Failure | Filtered, float, float]], failures: list[Failure],
                filtered: list[Filtered], times: StageTimes) -> Iterator[Preprocessed]:
-    for result, seconds in results:
+    for result, seconds, cpu in results:
         times.decode_s += seconds
+        times.decode_cpu_s += cpu
         if isinstance(result, Failure):
             failures.append(result)
         elif isinstance(result, Filtered):
@@ -202,11 +210,11 @@ def _batches(items: Iterable[Preprocessed], size: int) -> Iterator[list[Preproce
         yield batch
 
 
-def _encode_and_write(batch: list[Preprocessed], url: str, encoder: TokenEncoder, writer: ShardWriter,
+def _encode_and_write(batch: list[Preprocessed], url: str, encoder: TokenEncoder, writer: WriteBehind,
                       failures: list[Failure], times: StageTimes,
                       sampler: fidelity_audit.AuditSampler) -> tuple[int, bool]:
     started = time.perf_counter()
-    pixels = np.stack([p.pixels for p in batch])  # (B, R, R, 3), or (B, V, R, R, 3) with views
+    pixels = encoder.stage([p.pixels for p in batch])  # (B, R, R, 3), or (B, V, R, R, 3) with views
     encoded = encode_views(encoder, pixels if writer.layout.views > 1 or pixels.ndim == 4 else pixels[:, 0])
     times.encode_s += time.perf_counter() - started
     good = encoded.finite & ~_overflowing(encoded.latents, writer.layout)
@@ -214,7 +222,6 @@ def _encode_and_write(batch: list[Preprocessed], url: str, encoder: TokenEncoder
     for i in np.flatnonzero(~good):
         failures.append(_bad_latents(batch[i].key, encoded.latents[i], bool(encoded.finite[i]), writer.layout))
     kept = [batch[i] for i in keep]
-    started = time.perf_counter()
     writer.write(
         keys=[p.key for p in kept], sources=[url] * len(kept),
         codes=encoded.codes[keep] if writer.layout.write_codes else None,
@@ -223,7 +230,6 @@ def _encode_and_write(batch: list[Preprocessed], url: str, encoder: TokenEncoder
         widths=[p.width for p in kept], heights=[p.height for p in kept],
         conditioning=conditioning_columns([p.views for p in kept]) if writer.layout.views > 1 else None,
     )
-    times.write_s += time.perf_counter() - started
     sampler.offer([p.key for p in kept], [p.pixels for p in kept], encoded.codes[keep], encoded.latents[keep],
                   encoded.precision)
     return len(kept), encoded.amp_fallback
