@@ -1,7 +1,7 @@
 """Read one WebDataset tar shard as a stream of :class:`~vqpipe.records.Sample`.
 
-The shard is streamed (``tarfile`` mode ``r|*``) straight from fsspec: never downloaded
-whole, never extracted. Members are grouped into samples by key, following
+The shard is streamed (:mod:`vqpipe.input.tar_stream`: plain tars member by member, anything
+else through ``tarfile``'s ``r|*``) straight from fsspec: never downloaded whole, never extracted. Members are grouped into samples by key, following
 img2dataset/webdataset: ``a/b/000008.v2.jpg`` is key ``a/b/000008``, field ``v2.jpg``.
 Each member is read whole into memory -- fine for images, and bounded by
 ``max_member_bytes`` for hostile ones. A dropped connection mid-shard is retried where it
@@ -24,15 +24,15 @@ from typing import Any
 
 import fsspec
 
+from vqpipe.input.tar_stream import PlainTarStream, TarfileStream, open_tar_stream
 from vqpipe.records import Failure, Sample, ShardError
 from vqpipe.output.retry import RetryingReader
 
 OnFailure = Callable[[Failure], None]
+TarStream = PlainTarStream | TarfileStream
 
 # Far above any real image member; stops one hostile member from taking the worker's memory.
 DEFAULT_MAX_MEMBER_BYTES = 256 * 2**20
-
-_END_ATTR = "_vqpipe_end"
 
 
 def iter_samples(
@@ -72,33 +72,20 @@ def iter_samples(
         raise ShardError(reason, f"{url}: {e}") from e
 
 
-def _open_stream(f: RetryingReader, url: str) -> tarfile.TarFile:
+def _open_stream(f: RetryingReader, url: str) -> TarStream:
     try:
-        return tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndTrackingTarInfo)
+        return open_tar_stream(f)
     except TypeError as e:
         # CPython's gzip header parser calls ord() on the empty read of a stream cut inside the
         # header (found by tests/test_fuzz.py); nothing else in here can raise TypeError.
         raise ShardError("truncated_tar", f"{url}: gzip header cut short ({e})") from e
 
 
-class _EndTrackingTarInfo(tarfile.TarInfo):
-    """Records why the member stream stopped.
-
-    ``TarFile.next`` treats a stream that simply runs out (no header, or half a header)
-    after the first member as a normal end, so a shard cut at a member boundary would pass
-    as complete. Only an all-zero header block (``EOFHeaderError``) is a real end."""
-
-    @classmethod
-    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
-        try:
-            return super().fromtarfile(tar)
-        except tarfile.HeaderError as e:
-            setattr(tar, _END_ATTR, e)
-            raise
-
-
-def _check_end(tar: tarfile.TarFile, url: str) -> None:
-    end = getattr(tar, _END_ATTR, None)
+def _check_end(stream: TarStream, url: str) -> None:
+    """``TarFile.next`` treats a stream that simply runs out (no header, or half a header) after
+    the first member as a normal end, so a shard cut at a member boundary would pass as
+    complete. Only an all-zero header block (``EOFHeaderError``) is a real end."""
+    end = stream.end
     if isinstance(end, tarfile.EOFHeaderError):
         return
     if isinstance(end, tarfile.InvalidHeaderError):
@@ -113,10 +100,8 @@ class _Member:
     info: tarfile.TarInfo
 
 
-def _named_members(tar: tarfile.TarFile, on_failure: OnFailure) -> Iterator[_Member]:
+def _named_members(tar: TarStream, on_failure: OnFailure) -> Iterator[_Member]:
     for info in tar:
-        # A streaming TarFile remembers every member it saw; forget them to stay flat.
-        tar.members = []
         if not info.isreg():
             continue
         split = split_member_name(info.name)
@@ -162,7 +147,7 @@ class _Pending:
 
 
 def _group(
-    tar: tarfile.TarFile, url: str, on_failure: OnFailure, max_member_bytes: int
+    tar: TarStream, url: str, on_failure: OnFailure, max_member_bytes: int
 ) -> Iterator[Sample]:
     seen: set[str] = set()
     pending: _Pending | None = None
@@ -187,16 +172,13 @@ def _start(key: str, seen: set[str]) -> _Pending:
     return _Pending(key, {})
 
 
-def _add(pending: _Pending, m: _Member, tar: tarfile.TarFile, max_member_bytes: int) -> None:
+def _add(pending: _Pending, m: _Member, tar: TarStream, max_member_bytes: int) -> None:
     if m.info.size > max_member_bytes:
         message = f"member {m.info.name!r} is {m.info.size} bytes (> {max_member_bytes})"
         pending.failure = Failure(m.key, "too_large", message)
         return
     # Must be read now: in stream mode the data is gone once the next member is fetched.
-    data = tar.extractfile(m.info)
-    if data is None:  # unreachable for regular members; keeps the type checker honest
-        raise RuntimeError(f"no data for regular member {m.info.name!r}")
-    pending.fields[m.field] = data.read()
+    pending.fields[m.field] = tar.read(m.info)
 
 
 def _finish(pending: _Pending, url: str, on_failure: OnFailure) -> Iterator[Sample]:
