@@ -3,8 +3,9 @@
 libjpeg-turbo decodes through simplejpeg at the power-of-two DCT scale Pillow's ``draft`` would
 pick, and torch's uint8 antialiased bicubic resize (a SIMD port of Pillow's filter) maps the
 same crop box, so the result matches ``images.resize_center_crop`` to within rounding (measured
-mean absolute difference <= 0.2/255 on photos). Pillow still reads the header: its checks,
-its EXIF parser and its format sniffing stay the ones the hostile-input suite pins down.
+mean absolute difference <= 0.2/255 on photos). Pillow reads every header but the plain JFIF
+ones ``jpeg_header`` reads as Pillow would: its checks, its EXIF parser and its format sniffing stay
+the ones the hostile-input suite pins down.
 
 ``preprocess_jpeg`` returns None for anything it does not handle (another format, CMYK, MPO, a
 header that breaks a limit, any decoder error); the caller then runs the Pillow path, so every
@@ -23,6 +24,8 @@ import numpy as np
 import simplejpeg
 import torch
 from PIL import Image
+
+from vqpipe.input.jpeg_header import plain_header
 
 # What simplejpeg (strict: libjpeg warnings such as a premature end raise) and Pillow's header
 # parser raise on malformed input; anything else is a programmer error and propagates.
@@ -70,15 +73,20 @@ def _header(data: bytes, min_size: int, max_pixels: int | None) -> tuple[int, in
     """Stored width, height and EXIF orientation of a JPEG this path takes, else None."""
     if not data.startswith(b"\xff\xd8\xff"):
         return None  # not a JPEG: skip Pillow's format sniffing twice
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data), formats=("JPEG",))
-    width, height = img.size
+    plain = plain_header(data)  # a plain JFIF (no EXIF): Pillow's parser would read the same, slower
+    img = None if plain else _open(data)
+    width, height, mode = plain or (*img.size, img.mode if img.format == "JPEG" else None)  # None: MPO
     limit = min(max_pixels or math.inf, Image.MAX_IMAGE_PIXELS or math.inf)
-    if img.format != "JPEG" or img.mode not in _MODES or width * height > limit \
+    if mode not in _MODES or width * height > limit \
             or min(width, height) < max(min_size, 1):  # a zero side would divide by zero in the geometry
         return None
-    return width, height, img.getexif().get(0x0112)
+    return width, height, None if img is None else img.getexif().get(0x0112)
+
+
+def _open(data: bytes) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data), formats=("JPEG",))
 
 
 def draft_scale(width: int, height: int, resolution: int) -> int:
