@@ -147,7 +147,9 @@ class DeviceDecoder:
         r = self.cfg.resolution
         out = torch.empty((len(rows), r, r, 3), dtype=torch.uint8, device=self.device)
         for i, row in enumerate(rows):
-            out[i].copy_(row.permute(1, 2, 0) if isinstance(row, torch.Tensor) else torch.from_numpy(row))
+            # (A copy of a read-only array, as Pillow's are: torch warns on those even to read them.)
+            out[i].copy_(row.permute(1, 2, 0) if isinstance(row, torch.Tensor)
+                         else torch.from_numpy(np.require(row, requirements=("C", "W"))))
         return out
 
     def _announce(self) -> None:
