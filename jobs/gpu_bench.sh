@@ -11,7 +11,7 @@
 #
 # Writes DEST/gpu_bench.jsonl (one JSON line per bench run, appended: a history) and DEST/*.log
 # (the tables). A CUDA torch already on the machine is reused (the venv sees system packages).
-# Budget: under 8 minutes on an H100/H200-class GPU; each bench has its own timeout, and a bench
+# Budget: under 10 minutes on an H100/H200-class GPU; each bench has its own timeout, and a bench
 # that fails or times out is logged and the next one still runs. The fp32-eager reference of the
 # LDM model at batch 256 needs ~40 GB of GPU memory.
 set -euo pipefail
