@@ -94,17 +94,17 @@ class DeviceDecoder:
     def model_input(self, batch: Sequence[Preprocessed | Deferred]) -> tuple[ModelInput, list[Failure]]:
         """The batch's pixels on the device, the samples they belong to, and the deferred samples
         that failed on the CPU path too (left out of the batch)."""
-        deferred = [item for item in batch if isinstance(item, Deferred)]
-        if not deferred:
+        at = [i for i, item in enumerate(batch) if isinstance(item, Deferred)]
+        if not at:
             return host_input(batch), []
         self._announce()
-        crops = dict(zip(map(id, deferred), self._decode_all(deferred)))
+        crops = dict(zip(at, self._decode_all([batch[i] for i in at])))
         kept: list[Preprocessed | Deferred] = []
         rows: list[torch.Tensor | np.ndarray] = []
         failures: list[Failure] = []
-        for item in batch:
-            crop = crops.get(id(item)) if isinstance(item, Deferred) else item.pixels
-            if crop is None:
+        for i, item in enumerate(batch):
+            crop = crops[i] if isinstance(item, Deferred) else item.pixels
+            if crop is None:  # the device could not: the CPU path decides, as it would have on the decode thread
                 item = self._cpu_path(item.sample)
                 if isinstance(item, Failure):
                     failures.append(item)
@@ -113,7 +113,7 @@ class DeviceDecoder:
             kept.append(item)
             rows.append(crop)
         on_device = sum(isinstance(item, Deferred) for item in kept)
-        self.counts = DecodeCounts(self.counts.device + on_device, self.counts.cpu_path + len(deferred) - on_device)
+        self.counts = DecodeCounts(self.counts.device + on_device, self.counts.cpu_path + len(at) - on_device)
         return ModelInput(kept, self._stack(rows)), failures
 
     def _decode_all(self, deferred: list[Deferred]) -> list[torch.Tensor | None]:
