@@ -68,7 +68,7 @@ class StageTimes:
     audit_s: float = 0.0  # the fidelity audit: fp32 re-encode and decode of a few images
     write_s: float = 0.0
     wait_s: float = 0.0  # time the model sat waiting for a preprocessed batch
-    device_decode_s: float = 0.0  # preprocess.decoder: gpu, on the main thread (on CUDA: to launch; the rest waits in encode_s)
+    device_decode_s: float = 0.0  # preprocess.decoder: gpu, main thread (CUDA: launching; the rest shows in encode_s)
     total_s: float = 0.0
 
 
@@ -188,8 +188,10 @@ def _timed_preprocess(job: ShardSettings, sample: Sample) -> tuple[Preprocessed 
     started = time.perf_counter()
     cfg = job.preprocess
     # Filters first: a filtered sample costs a JSON parse and at most an image header, no decode.
-    result = job.screen(sample) or (job.decoder and job.decoder.defer(sample)) or preprocess(sample, job.input.image_keys, cfg.resolution, cfg.min_size,
-                                              max_pixels=cfg.max_pixels, fast=cfg.fast_jpeg, render=job.render)
+    # With preprocess.decoder: gpu, a JPEG the device takes is only deferred here: its header was read.
+    result = job.screen(sample) or (job.decoder and job.decoder.defer(sample)) or \
+        preprocess(sample, job.input.image_keys, cfg.resolution, cfg.min_size, max_pixels=cfg.max_pixels,
+                   fast=cfg.fast_jpeg, render=job.render)
     return result, time.perf_counter() - started
 
 
