@@ -2,14 +2,16 @@
 # One-GPU benchmark of vqpipe (issue 6): `vqpipe bench` for the demo tokenizer (configs/demo.yaml,
 # precision/compile auto = fp16 + torch.compile on CUDA) and for an LDM-f4-sized VQ model
 # (block_out_channels 128-256-512, 2 layers per block, 8192 codes, random init) at 256x256, bf16 +
-# compile, batch 128 and 256. Needs only this repository and wheels: no network, no Ray cluster.
+# compile, batch 128 and 256; then the pipeline without the model's cost (--null-model) with each JPEG
+# decoder, preprocess.decoder cpu and gpu (nvJPEG: needs torchvision, else that bench fails and is
+# logged). Needs only this repository and wheels: no network, no Ray cluster.
 #
 #   bash jobs/gpu_bench.sh [DEST]      # DEST: results folder (default $OUT, else ./bench-out)
 #   WHEELS=/path/to/wheels bash jobs/gpu_bench.sh   # install offline from a wheel folder
 #
 # Writes DEST/gpu_bench.jsonl (one JSON line per bench run, appended: a history) and DEST/*.log
 # (the tables). A CUDA torch already on the machine is reused (the venv sees system packages).
-# Budget: under 8 minutes on an H100/H200-class GPU; each bench has its own timeout, and a bench
+# Budget: under 10 minutes on an H100/H200-class GPU; each bench has its own timeout, and a bench
 # that fails or times out is logged and the next one still runs. The fp32-eager reference of the
 # LDM model at batch 256 needs ~40 GB of GPU memory.
 set -euo pipefail
@@ -79,6 +81,10 @@ for batch in 128 256; do
   bench "ldm-f4-b$batch" 140 configs/demo.yaml "model.path=$WORK/ldm-f4" "${COMMON[@]}" \
     preprocess.resolution=256 model.precision=bf16 model.compile=true "model.batch_size=$batch" \
     --samples "$SAMPLES"
+done
+for decoder in cpu gpu; do
+  bench "null-decoder-$decoder" 90 configs/demo.yaml "model.path=$DEMO_MODEL" "${COMMON[@]}" \
+    preprocess.resolution=256 "preprocess.decoder=$decoder" --null-model --samples "$SAMPLES"
 done
 
 echo "history: $HISTORY ($(cat "$HISTORY" 2>/dev/null | wc -l) lines)"

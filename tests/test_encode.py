@@ -59,6 +59,17 @@ def test_rejects_wrong_pixel_arrays(model):
     encoder = TokenEncoder(model, torch.device("cpu"), "fp32", False, batch_size=4, value_range=(-1, 1))
     with pytest.raises(ValueError, match="uint8"):
         encoder(np.zeros((2, 32, 32, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        encoder(torch.zeros((2, 32, 32, 3)))
+
+
+def test_a_device_tensor_encodes_as_its_host_array_does(model):
+    # preprocess.decoder: gpu hands the encoder the batch where it was decoded: no second upload.
+    pixels = _pixels(3)
+    encoder = TokenEncoder(model, torch.device("cpu"), "fp32", False, batch_size=4, value_range=(-1, 1))
+    host, device = encoder(pixels), encoder(torch.from_numpy(pixels))
+    np.testing.assert_array_equal(device.codes, host.codes)
+    np.testing.assert_array_equal(device.latents, host.latents)
 
 
 def test_compiled_partial_batches_are_padded_not_recompiled(model):

@@ -94,6 +94,12 @@ class PreprocessConfig:
         True, doc="RGB/grayscale JPEGs through libjpeg-turbo + a SIMD resize (vqpipe/input/jpeg_decode.py): 1.5-2x the "
                   "per-core rate, pixels within rounding of the Pillow path (false = Pillow only, bit-exact with "
                   "outputs written before it)")
+    decoder: Literal["cpu", "gpu"] = _f(
+        "cpu", doc="gpu = JPEGs the fast path takes are decoded a batch at a time on the worker's device (nvJPEG "
+                   "through torchvision's decode_jpeg; needs torchvision on a CUDA worker, a CPU worker runs a "
+                   "stand-in decode), resized and center-cropped there to the CPU path's geometry; other images, "
+                   "and any the device fails to decode, take the CPU path (vqpipe/input/device_decode.py). "
+                   "Plain [center] views only")
     decode_workers: Union[int, Literal["auto"]] = _f(
         "auto", doc="image-decoding threads per worker; auto = the worker's CPUs (ray.cpus_per_worker)")
 
@@ -400,6 +406,9 @@ def _preprocess_checks(cfg: PreprocessConfig) -> list[tuple[bool, str]]:
         (bool(cfg.views), "preprocess.views must list at least one view"),
         (len(set(cfg.views)) == len(cfg.views), f"preprocess.views lists a view twice: {list(cfg.views)}"),
         (1.0 <= cfg.crop_range <= 2.0, "preprocess.crop_range must be within [1, 2]"),
+        (cfg.decoder == "cpu" or tuple(cfg.views) == ("center",),
+         (f"preprocess.decoder: gpu makes the plain center crop only; preprocess.views {list(cfg.views)} needs "
+          "preprocess.decoder: cpu")),
     ]
 
 

@@ -1,7 +1,9 @@
 """Records that flow between the data-plane stages.
 
 ``shards`` yields :class:`Sample`, ``images`` turns one into :class:`Preprocessed` or a
-:class:`Failure`; a problem with a whole shard is raised as :class:`ShardError`.
+:class:`Failure` (with ``preprocess.decoder: gpu``, ``device_decode`` first turns a JPEG into a
+:class:`Deferred`, decoded later with its batch); a problem with a whole shard is raised as
+:class:`ShardError`.
 """
 
 from __future__ import annotations
@@ -95,6 +97,29 @@ class Preprocessed:
     caption: str | None
     metadata: str | None
     views: list | None = None
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A JPEG whose decode waits for its batch on the worker's device (``preprocess.decoder: gpu``):
+    the decode thread read its header only (:mod:`vqpipe.input.device_decode`).
+
+    width, height: the original image size after EXIF orientation, as in :class:`Preprocessed`.
+    orientation: the EXIF Orientation tag (None: shown as stored).
+    sample: what the CPU path is given should the device decode fail.
+    """
+
+    sample: Sample
+    data: bytes
+    width: int
+    height: int
+    orientation: int | None
+    caption: str | None
+    metadata: str | None
+
+    @property
+    def key(self) -> str:
+        return self.sample.key
 
 
 class ShardError(Exception):

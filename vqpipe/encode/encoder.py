@@ -33,7 +33,8 @@ class EncodedBatch:
 
 
 class TokenEncoder:
-    """``(B, R, R, 3)`` uint8 pixels -> :class:`EncodedBatch`.
+    """``(B, R, R, 3)`` uint8 pixels -> :class:`EncodedBatch`: a host array (uploaded as uint8), or a
+    tensor already on the device (``preprocess.decoder: gpu``: :mod:`vqpipe.input.device_decode`).
 
     ``compile`` wraps the encoder in ``torch.compile`` with static shapes; partial batches are
     padded up to the forward-pass size so the last batch of every shard does not trigger a
@@ -118,9 +119,10 @@ class TokenEncoder:
         return current.streams if current else 1
 
     @torch.inference_mode()
-    def __call__(self, pixels: np.ndarray) -> EncodedBatch:
-        if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
-            raise ValueError(f"expected (B, R, R, 3) uint8 pixels, got {pixels.dtype} {pixels.shape}")
+    def __call__(self, pixels: np.ndarray | torch.Tensor) -> EncodedBatch:
+        uint8 = pixels.dtype == (torch.uint8 if isinstance(pixels, torch.Tensor) else np.uint8)
+        if pixels.ndim != 4 or pixels.shape[-1] != 3 or not uint8:
+            raise ValueError(f"expected (B, R, R, 3) uint8 pixels, got {pixels.dtype} {tuple(pixels.shape)}")
         x = self._to_device(pixels)
         used = self.precision
         codes, latents = self.encode_tensor(x, used)
@@ -165,11 +167,14 @@ class TokenEncoder:
         out = self._staging[:size].reshape(shape)
         return np.stack(images, out=out)
 
-    def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
-        # Upload uint8 (4x fewer bytes than fp32) and scale on the device. Pixels from stage() are
-        # page-locked already on CUDA; anything else is uploaded from pageable memory.
-        tensor = torch.from_numpy(np.ascontiguousarray(pixels))
-        tensor = tensor.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+    def _to_device(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        # Upload uint8 (4x fewer bytes than fp32) and scale on the device; a tensor there already
+        # stays. Pixels from stage() are page-locked on CUDA already, so the upload is one DMA.
+        if isinstance(pixels, torch.Tensor):
+            tensor = pixels.to(self.device)
+        else:
+            tensor = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
+        tensor = tensor.permute(0, 3, 1, 2)
         return tensor.float().mul_(self._scale).add_(self._offset).contiguous(memory_format=self.memory_format)
 
     def pass_size(self, height: int, width: int) -> int:
@@ -242,8 +247,8 @@ class TokenEncoder:
         with precisions.compute("fp32", self.device.type):
             return self.model.decode_codes(codes)
 
-    def to_model_input(self, pixels: np.ndarray) -> torch.Tensor:
-        """uint8 ``(B, R, R, 3)`` pixels -> the scaled tensor the model sees, on the device."""
+    def to_model_input(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, R, R, 3)`` pixels (host or device) -> the scaled tensor the model sees, on the device."""
         return self._to_device(pixels)
 
 

@@ -79,7 +79,7 @@ def preprocess(
     ``render`` (:class:`vqpipe.input.views.ViewRenderer`) replaces the center crop with several
     views of the one decoded image (on the Pillow path: the fast path makes the center crop only).
     """
-    field = next((k for k in image_keys if k in sample.fields), None)
+    field = image_field(sample, image_keys)
     if field is None:
         return Failure(sample.key, "no_image", f"none of {list(image_keys)} in {sorted(sample.fields)}")
     data = sample.fields[field]
@@ -87,7 +87,7 @@ def preprocess(
         return Failure(sample.key, "empty", f"field {field!r} is empty")
     fast_result = preprocess_jpeg(data, resolution, min_size, max_pixels) if fast and draft and render is None else None
     if fast_result is not None:
-        return Preprocessed(sample.key, *fast_result, _caption(sample), _metadata(sample))
+        return Preprocessed(sample.key, *fast_result, caption_text(sample), metadata_text(sample))
     try:
         img, width, height, scale = _decode(data, render.draft_size if render else resolution, min_size, draft,
                                             max_pixels)
@@ -99,9 +99,14 @@ def preprocess(
         return Failure(sample.key, "decode_error", f"{type(e).__name__}: {e}")
     if render is not None:
         pixels, crops = render(img, (width, height), scale)
-        return Preprocessed(sample.key, pixels, width, height, _caption(sample), _metadata(sample), crops)
+        return Preprocessed(sample.key, pixels, width, height, caption_text(sample), metadata_text(sample), crops)
     pixels = resize_center_crop(img, resolution, (width, height), scale)
-    return Preprocessed(sample.key, pixels, width, height, _caption(sample), _metadata(sample))
+    return Preprocessed(sample.key, pixels, width, height, caption_text(sample), metadata_text(sample))
+
+
+def image_field(sample: Sample, image_keys: Sequence[str]) -> str | None:
+    """The member extension ``preprocess`` takes the image from: the first of ``image_keys`` present."""
+    return next((k for k in image_keys if k in sample.fields), None)
 
 
 def _decode(data: bytes, resolution: int, min_size: int, draft: bool,
@@ -200,12 +205,12 @@ def resize_center_crop(
     return np.asarray(out, dtype=np.uint8)
 
 
-def _caption(sample: Sample) -> str | None:
+def caption_text(sample: Sample) -> str | None:
     data = sample.fields.get("txt")
     return None if data is None else data.decode("utf-8", errors="replace")
 
 
-def _metadata(sample: Sample) -> str | None:
+def metadata_text(sample: Sample) -> str | None:
     data = sample.fields.get("json")
     if data is None:
         return None

@@ -34,27 +34,29 @@ _ERRORS = (OSError, ValueError, SyntaxError, struct.error, EOFError, zlib.error,
 
 _MODES = ("RGB", "L")  # CMYK and YCCK go to Pillow, which inverts Adobe CMYK correctly
 
-# EXIF orientation -> the array view ImageOps.exif_transpose's transpose gives, on (H, W, C).
-_ORIENT = {
-    2: lambda a: a[:, ::-1],
-    3: lambda a: a[::-1, ::-1],
-    4: lambda a: a[::-1],
-    5: lambda a: a.transpose(1, 0, 2),
-    6: lambda a: np.rot90(a, -1),
-    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
-    8: lambda a: np.rot90(a, 1),
+# EXIF orientation -> (flip rows, flip columns, then swap the two axes): what ImageOps.exif_transpose's
+# transpose does. One table for the arrays here and the device tensors of ``device_decode``.
+EXIF_FLIPS = {
+    2: (False, True, False),
+    3: (True, True, False),
+    4: (True, False, False),
+    5: (False, False, True),
+    6: (True, False, True),  # rotate 90 degrees clockwise
+    7: (True, True, True),
+    8: (False, True, True),  # rotate 90 degrees counter-clockwise
 }
+_AS_STORED = (False, False, False)
 
 
 def preprocess_jpeg(data: bytes, resolution: int, min_size: int = 0,
                     max_pixels: int | None = None) -> tuple[np.ndarray, int, int] | None:
     """(R, R, 3) uint8 pixels and the oriented original width and height, or None when the
     Pillow path should handle ``data`` (and produce any rejection)."""
+    header = read_header(data, min_size, max_pixels)
+    if header is None:
+        return None
+    width, height, orientation = header
     try:
-        header = _header(data, min_size, max_pixels)
-        if header is None:
-            return None
-        width, height, orientation = header
         scale = draft_scale(width, height, resolution)
         # strict: a libjpeg warning (premature end, corrupt data) raises, and Pillow decides.
         decoded = simplejpeg.decode_jpeg(data, "RGB", min_height=-(-height // scale),
@@ -63,14 +65,22 @@ def preprocess_jpeg(data: bytes, resolution: int, min_size: int = 0,
         return None
     if decoded.shape[:2] != (-(-height // scale), -(-width // scale)):
         return None  # not the scale asked for: the geometry below would be off
-    oriented = _ORIENT.get(orientation, lambda a: a)(decoded)
-    if orientation in (5, 6, 7, 8):
+    oriented = orient(decoded, orientation)
+    if EXIF_FLIPS.get(orientation, _AS_STORED)[2]:
         width, height = height, width
     return resize_center_crop(oriented, resolution, (width, height), scale), width, height
 
 
+def read_header(data: bytes, min_size: int, max_pixels: int | None) -> tuple[int, int, int | None] | None:
+    """Stored width, height and EXIF orientation of a JPEG this path takes, else None (the Pillow
+    path decides: another format or mode, a limit, a header Pillow cannot parse)."""
+    try:
+        return _header(data, min_size, max_pixels)
+    except _ERRORS:
+        return None
+
+
 def _header(data: bytes, min_size: int, max_pixels: int | None) -> tuple[int, int, int | None] | None:
-    """Stored width, height and EXIF orientation of a JPEG this path takes, else None."""
     if not data.startswith(b"\xff\xd8\xff"):
         return None  # not a JPEG: skip Pillow's format sniffing twice
     plain = plain_header(data)  # a plain JFIF (no EXIF): Pillow's parser would read the same, slower
@@ -89,6 +99,14 @@ def _open(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data), formats=("JPEG",))
 
 
+def orient(pixels: np.ndarray, orientation: int | None) -> np.ndarray:
+    """An (H, W, C) array as EXIF ``orientation`` says it is shown (a view, no copy)."""
+    rows, columns, swap = EXIF_FLIPS.get(orientation, _AS_STORED)
+    pixels = pixels[::-1] if rows else pixels
+    pixels = pixels[:, ::-1] if columns else pixels
+    return pixels.transpose(1, 0, 2) if swap else pixels
+
+
 def draft_scale(width: int, height: int, resolution: int) -> int:
     """The factor Pillow's ``draft`` picks for a (resolution, resolution) request: the largest of
     1, 2, 4, 8 that keeps both sides >= resolution, and 1 below twice the resolution (as
@@ -105,20 +123,40 @@ def resize_center_crop(pixels: np.ndarray, resolution: int, source_size: tuple[i
 
     Explicit scale factors (not the array's size ratio) map output to input, so a decode whose
     last block is partial (odd sizes) keeps the geometry of a full decode."""
-    width, height = source_size
     if pixels.shape[:2] == (resolution, resolution) and scale == 1:
         return np.ascontiguousarray(pixels)
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).unsqueeze(0)  # channels_last view
+    # Into a channels_last (HWC) buffer: that skips the kernel's conversion to NCHW and a transposing
+    # copy back (0.5 of 1.4 ms at 1024x768 / 2).
+    crop = resize_box(x, resolution, source_size, scale, channels_last=True)
+    return np.ascontiguousarray(crop[0].permute(1, 2, 0).numpy())
+
+
+def crop_plan(width: int, height: int, resolution: int) -> tuple[tuple[int, int], int, int]:
+    """The size the source is resized to (shorter side ``resolution``) and the left and top of
+    the centered ``resolution`` square in it, floored toward the left/top."""
     if width <= height:
         resized = (resolution, max(resolution, round(height * resolution / width)))
     else:
         resized = (max(resolution, round(width * resolution / height)), resolution)
-    left, top = (resized[0] - resolution) // 2, (resized[1] - resolution) // 2
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).unsqueeze(0)  # channels_last view
-    out = np.empty((top + resolution, left + resolution, 3), np.uint8)
+    return resized, (resized[0] - resolution) // 2, (resized[1] - resolution) // 2
+
+
+def resize_box(x: torch.Tensor, resolution: int, source_size: tuple[int, int], scale: int,
+               channels_last: bool = False) -> torch.Tensor:
+    """The center crop, antialiased bicubic: ``x`` (1, C, H, W) shows ``source_size`` at 1/``scale``;
+    returns the (1, C, R, R) crop, a view of a resize that starts at the source's top left. uint8
+    runs torch's SIMD port of Pillow's filter (CPU only); float runs the same filter on any device."""
+    width, height = source_size
+    resized, left, top = crop_plan(width, height, resolution)
     # The aten op, not F.interpolate: it takes the output size and the scales together, so rounding
-    # in size * scale never loses the last row; and writing into a channels_last (HWC) buffer skips
-    # the kernel's conversion to NCHW and a transposing copy back (0.5 of 1.4 ms at 1024x768 / 2).
-    torch.ops.aten._upsample_bicubic2d_aa.out(x, list(out.shape[:2]), False, resized[1] * scale / height,
-                                              resized[0] * scale / width,
-                                              out=torch.from_numpy(out).permute(2, 0, 1).unsqueeze(0))
-    return np.ascontiguousarray(out[top:, left:])
+    # in size * scale never loses the last row. But where an output side equals the input's, the CPU
+    # kernel skips that axis whatever the scale says (a 320x213 photo to 256: 64 + 256 columns of
+    # 320, which must be stretched by 385/320): one spare column or row keeps the pass.
+    size = [top + resolution, left + resolution]
+    size = [n + (n == have) for n, have in zip(size, x.shape[-2:])]
+    scales = (resized[1] * scale / height, resized[0] * scale / width)
+    out = torch.empty((*x.shape[:2], *size), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.ops.aten._upsample_bicubic2d_aa.out(x, size, False, *scales, out=out)
+    return out[..., top:top + resolution, left:left + resolution]

@@ -20,18 +20,21 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+import torch
 
 from vqpipe import __version__, faults
 from vqpipe.config import InputConfig, OutputConfig, PreprocessConfig
 from vqpipe.encode import audit as fidelity_audit
 from vqpipe.encode.encoder import TokenEncoder
 from vqpipe.encode.views import encode_views
+from vqpipe.input import device_decode
+from vqpipe.input.device_decode import DeviceDecoder, ModelInput
 from vqpipe.input.filters import SampleFilter
 from vqpipe.input.images import preprocess
 from vqpipe.input.prefetch import PrefetchStats, ordered_parallel_map
 from vqpipe.input.views import ViewRenderer, view_names
 from vqpipe.output.conditioning import conditioning_columns
-from vqpipe.records import Failure, Filtered, Preprocessed, Sample
+from vqpipe.records import Deferred, Failure, Filtered, Preprocessed, Sample
 from vqpipe.input.shards import iter_samples
 from vqpipe.output.arrays import overflowing_rows
 from vqpipe.output.sink import ShardWriter, TokenLayout
@@ -55,6 +58,7 @@ class ShardSettings:
     audit_samples: int = 0  # images per shard re-encoded in fp32 by the fidelity audit
     screen: SampleFilter = field(default_factory=SampleFilter)  # input.filters, max_aspect_ratio
     render: ViewRenderer | None = None  # preprocess.views other than the plain [center]
+    decoder: DeviceDecoder | None = None  # preprocess.decoder: gpu (None: cpu)
 
 
 @dataclass
@@ -65,6 +69,7 @@ class StageTimes:
     audit_s: float = 0.0  # the fidelity audit: fp32 re-encode and decode of a few images
     write_s: float = 0.0
     wait_s: float = 0.0  # time the model sat waiting for a preprocessed batch
+    device_decode_s: float = 0.0  # preprocess.decoder: gpu, main thread (CUDA: launching; the rest shows in encode_s)
     total_s: float = 0.0
     # CPU time per stage, as the null-model bench reports it: which thread caps a worker process
     read_cpu_s: float = 0.0  # the shard-reading thread (tar parsing)
@@ -91,8 +96,9 @@ class ShardResult:
 
 
 def make_settings(input: InputConfig, preprocess_cfg: PreprocessConfig, output: OutputConfig, model, precision: str,
-                  audit_samples: int = 0) -> ShardSettings:
-    """Derive the output layout and lineage metadata from the loaded model."""
+                  audit_samples: int = 0, device: torch.device | None = None) -> ShardSettings:
+    """Derive the output layout and lineage metadata from the loaded model. ``device``: where the
+    worker's batches go (default: the model's), for ``preprocess.decoder: gpu``."""
     cfg = model.config
     r = preprocess_cfg.resolution
     h = w = r // cfg.downsample_factor
@@ -112,9 +118,14 @@ def make_settings(input: InputConfig, preprocess_cfg: PreprocessConfig, output: 
         "image_keys": list(input.image_keys), "latents": LATENTS_HOLD,
         # codes_shape / latent_shape are per view; with V > 1 views the columns lead with a V axis
         "views": views, "view_kinds": list(preprocess_cfg.views), "crop_range": preprocess_cfg.crop_range,
+        "decoder": preprocess_cfg.decoder,
     }
+    decoder = None
+    if preprocess_cfg.decoder == "gpu":
+        decoder = DeviceDecoder(preprocess_cfg, input.image_keys, device or next(model.parameters()).device)
     return ShardSettings(input, preprocess_cfg, output, layout, metadata, audit_samples,
-                         SampleFilter.from_config(input, preprocess_cfg), ViewRenderer.for_config(preprocess_cfg))
+                         SampleFilter.from_config(input, preprocess_cfg), ViewRenderer.for_config(preprocess_cfg),
+                         decoder)
 
 
 def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder, pool: Executor,
@@ -134,12 +145,14 @@ def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder
     writer = WriteBehind(ShardWriter(job.output.path, stem, job.layout, metadata, job.output.storage_options))
     sampler = fidelity_audit.AuditSampler(job.audit_samples if encoder.precision != "fp32" else 0, stem)
     rows = amp_fallbacks = 0
+    decoded_before = job.decoder.counts if job.decoder else None
     try:
         samples = iter_samples(url, job.input.storage_options, on_failure=failures.append)
         work = functools.partial(_timed_preprocess, job)
         results = ordered_parallel_map(work, samples, pool, max_pending=2 * encoder.batch_size + 8, stats=stats)
         for n, batch in enumerate(_batches(_keep_good(results, failures, filtered, times), encoder.batch_size)):
-            written, amp_fallback = _encode_and_write(batch, url, encoder, writer, failures, times, sampler)
+            inputs = _model_input(job, batch, encoder, failures, times)
+            written, amp_fallback = _encode_and_write(inputs, url, encoder, writer, failures, times, sampler)
             rows, amp_fallbacks = rows + written, amp_fallbacks + amp_fallback
             on_progress(rows)
             faults.after_batch(stem, n + 1)
@@ -149,7 +162,8 @@ def process_shard(url: str, stem: str, job: ShardSettings, encoder: TokenEncoder
         audit = _audit(job, encoder, sampler, times)
         switches = encoder.switches[switches_before:]
         marker = {**_marker(url, stem, rows, failures, filtered, times, amp_fallbacks, str(encoder.device), started),
-                  "precision": encoder.precision, "precision_switches": switches, "audit": audit}
+                  "precision": encoder.precision, "precision_switches": switches, "audit": audit,
+                  "decoder": device_decode.shard_record(job.decoder, decoded_before)}
         write_started = time.perf_counter()
         committed = writer.commit(marker).committed
         times.write_s += time.perf_counter() - write_started
@@ -177,17 +191,20 @@ def _audit(job: ShardSettings, encoder: TokenEncoder, sampler: fidelity_audit.Au
     return record
 
 
-def _timed_preprocess(job: ShardSettings, sample: Sample) -> tuple[Preprocessed | Failure | Filtered, float, float]:
+def _timed_preprocess(job: ShardSettings, sample: Sample) -> tuple[Preprocessed | Deferred | Failure | Filtered, float,
+                                                                     float]:
     started, cpu = time.perf_counter(), time.thread_time()
     cfg = job.preprocess
     # Filters first: a filtered sample costs a JSON parse and at most an image header, no decode.
-    result = job.screen(sample) or preprocess(sample, job.input.image_keys, cfg.resolution, cfg.min_size,
-                                              max_pixels=cfg.max_pixels, fast=cfg.fast_jpeg, render=job.render)
+    # With preprocess.decoder: gpu, a JPEG the device takes is only deferred here: its header was read.
+    result = job.screen(sample) or (job.decoder and job.decoder.defer(sample)) or \
+        preprocess(sample, job.input.image_keys, cfg.resolution, cfg.min_size, max_pixels=cfg.max_pixels,
+                   fast=cfg.fast_jpeg, render=job.render)
     return result, time.perf_counter() - started, time.thread_time() - cpu
 
 
-def _keep_good(results: Iterable[tuple[Preprocessed | Failure | Filtered, float, float]], failures: list[Failure],
-               filtered: list[Filtered], times: StageTimes) -> Iterator[Preprocessed]:
+def _keep_good(results: Iterable[tuple[Preprocessed | Deferred | Failure | Filtered, float, float]],
+               failures: list[Failure], filtered: list[Filtered], times: StageTimes) -> Iterator[Preprocessed | Deferred]:
     for result, seconds, cpu in results:
         times.decode_s += seconds
         times.decode_cpu_s += cpu
@@ -199,8 +216,8 @@ def _keep_good(results: Iterable[tuple[Preprocessed | Failure | Filtered, float,
             yield result
 
 
-def _batches(items: Iterable[Preprocessed], size: int) -> Iterator[list[Preprocessed]]:
-    batch: list[Preprocessed] = []
+def _batches(items: Iterable[Preprocessed | Deferred], size: int) -> Iterator[list[Preprocessed | Deferred]]:
+    batch: list[Preprocessed | Deferred] = []
     for item in items:
         batch.append(item)
         if len(batch) == size:
@@ -210,11 +227,27 @@ def _batches(items: Iterable[Preprocessed], size: int) -> Iterator[list[Preproce
         yield batch
 
 
-def _encode_and_write(batch: list[Preprocessed], url: str, encoder: TokenEncoder, writer: WriteBehind,
+def _model_input(job: ShardSettings, batch: list[Preprocessed | Deferred], encoder: TokenEncoder,
+                 failures: list[Failure], times: StageTimes) -> ModelInput:
+    """The batch's pixels stacked: on the host (in the encoder's staging buffer), or on the device
+    for ``preprocess.decoder: gpu`` (whose deferred JPEGs are decoded here; those that fail join
+    ``failures``)."""
+    if job.decoder is None:
+        return device_decode.host_input(batch, encoder.stage)
+    started = time.perf_counter()
+    inputs, failed = job.decoder.model_input(batch)
+    failures.extend(failed)
+    times.device_decode_s += time.perf_counter() - started
+    return inputs
+
+
+def _encode_and_write(inputs: ModelInput, url: str, encoder: TokenEncoder, writer: WriteBehind,
                       failures: list[Failure], times: StageTimes,
                       sampler: fidelity_audit.AuditSampler) -> tuple[int, bool]:
+    if not inputs.samples:
+        return 0, False  # every deferred JPEG of the batch failed on the CPU path too
     started = time.perf_counter()
-    pixels = encoder.stage([p.pixels for p in batch])  # (B, R, R, 3), or (B, V, R, R, 3) with views
+    batch, pixels = inputs.samples, inputs.pixels  # (B, R, R, 3), or (B, V, R, R, 3) with views
     encoded = encode_views(encoder, pixels if writer.layout.views > 1 or pixels.ndim == 4 else pixels[:, 0])
     times.encode_s += time.perf_counter() - started
     good = encoded.finite & ~_overflowing(encoded.latents, writer.layout)
@@ -230,7 +263,7 @@ def _encode_and_write(batch: list[Preprocessed], url: str, encoder: TokenEncoder
         widths=[p.width for p in kept], heights=[p.height for p in kept],
         conditioning=conditioning_columns([p.views for p in kept]) if writer.layout.views > 1 else None,
     )
-    sampler.offer([p.key for p in kept], [p.pixels for p in kept], encoded.codes[keep], encoded.latents[keep],
+    sampler.offer([p.key for p in kept], inputs.host_pixels(keep), encoded.codes[keep], encoded.latents[keep],
                   encoded.precision)
     return len(kept), encoded.amp_fallback
 
