@@ -36,7 +36,7 @@ from vqpipe.input.views import ViewRenderer, view_names
 from vqpipe.output.conditioning import conditioning_columns
 from vqpipe.records import Deferred, Failure, Filtered, Preprocessed, Sample
 from vqpipe.input.shards import iter_samples
-from vqpipe.output.arrays import overflowing_rows
+from vqpipe.output.arrays import narrow_rows
 from vqpipe.output.sink import ShardWriter, TokenLayout
 from vqpipe.output.write_behind import WriteBehind
 
@@ -250,7 +250,8 @@ def _encode_and_write(inputs: ModelInput, url: str, encoder: TokenEncoder, write
     batch, pixels = inputs.samples, inputs.pixels  # (B, R, R, 3), or (B, V, R, R, 3) with views
     encoded = encode_views(encoder, pixels if writer.layout.views > 1 or pixels.ndim == 4 else pixels[:, 0])
     times.encode_s += time.perf_counter() - started
-    good = encoded.finite & ~_overflowing(encoded.latents, writer.layout)
+    latents, overflowing = _stored_latents(encoded.latents, writer.layout)
+    good = encoded.finite & ~overflowing
     keep = np.flatnonzero(good)
     for i in np.flatnonzero(~good):
         failures.append(_bad_latents(batch[i].key, encoded.latents[i], bool(encoded.finite[i]), writer.layout))
@@ -258,7 +259,7 @@ def _encode_and_write(inputs: ModelInput, url: str, encoder: TokenEncoder, write
     writer.write(
         keys=[p.key for p in kept], sources=[url] * len(kept),
         codes=encoded.codes[keep] if writer.layout.write_codes else None,
-        latents=encoded.latents[keep] if writer.layout.write_latents else None,
+        latents=latents[keep] if writer.layout.write_latents else None,
         captions=[p.caption for p in kept], metadatas=[p.metadata for p in kept],
         widths=[p.width for p in kept], heights=[p.height for p in kept],
         conditioning=conditioning_columns([p.views for p in kept]) if writer.layout.views > 1 else None,
@@ -268,10 +269,11 @@ def _encode_and_write(inputs: ModelInput, url: str, encoder: TokenEncoder, write
     return len(kept), encoded.amp_fallback
 
 
-def _overflowing(latents: np.ndarray, layout: TokenLayout) -> np.ndarray:
+def _stored_latents(latents: np.ndarray, layout: TokenLayout) -> tuple[np.ndarray, np.ndarray]:
+    """The latents in their storage dtype, and the rows that overflow it."""
     if not layout.write_latents:
-        return np.zeros(len(latents), dtype=bool)
-    return overflowing_rows(latents, layout.latent_type)
+        return latents, np.zeros(len(latents), dtype=bool)
+    return narrow_rows(latents, layout.latent_type)
 
 
 def _bad_latents(key: str, latents: np.ndarray, finite: bool, layout: TokenLayout) -> Failure:
