@@ -76,7 +76,9 @@ def test_null_model_runs_the_pipeline_without_the_model(argv, capsys):
     for name in ("pipeline, model replaced by zeros (img/s)", "img/s per decode thread",
                  "CPU ms per image: main thread (batching, upload, handing rows over)",
                  "CPU ms per image: shard-reading thread (tar parsing)", "CPU ms per image: decode threads, summed",
-                 "CPU ms per image: the whole process", "one process's ceiling: its slowest single thread (img/s)"):
+                 "CPU ms per image: the whole process", "one process's ceiling: its slowest single thread (img/s)",
+                 "per-core decode ceiling, timed between the runs (img/s per CPU-second)",
+                 "efficiency: pipeline / (ceiling x 2 decode thread(s))"):
         assert float(figures[name]) > 0, name
     # The threads' own CPU can never exceed the whole process's.
     parts = sum(float(v) for k, v in figures.items() if k.startswith("CPU ms per image:") and "whole" not in k)

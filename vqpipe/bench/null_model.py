@@ -20,6 +20,7 @@ needs in cores per image/s.
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from vqpipe.bench.inputs import write_shard
-from vqpipe.bench.probes import scratch_job
+from vqpipe.bench.probes import DECODE_SAMPLES, decode_probe, scratch_job
 from vqpipe.config import RunConfig
 from vqpipe.encode.encoder import TokenEncoder
 from vqpipe.records import Sample
@@ -78,6 +79,13 @@ class NullFigures:
     decode_cpu_ms_per_img: float = 0.0  # summed over the decode threads
     write_cpu_ms_per_img: float = 0.0  # the Parquet writing thread
     process_cpu_ms_per_img: float = 0.0  # every thread of the process
+    decode_ceiling_img_s: float = 0.0  # one thread's decode rate per CPU-second, timed between the runs
+
+    @property
+    def efficiency(self) -> float:
+        """The pipeline against its decode threads' ceiling (issue 17's floor: 0.9)."""
+        ceiling = self.decode_ceiling_img_s * self.decode_threads
+        return self.img_s / ceiling if ceiling else 0.0
 
     @property
     def serial_ceiling_img_s(self) -> float:
@@ -94,7 +102,8 @@ def null_encoder(config: RunConfig, model, device: torch.device) -> NullEncoder:
 
 def run_null_bench(config: RunConfig, images: list[Sample], source: str, encoder: NullEncoder,
                    decode_threads: int, repeats: int) -> NullFigures:
-    """Median over ``repeats`` runs of ``process_shard`` on a scratch shard of ``images``.
+    """Median over ``repeats`` runs of ``process_shard`` on a scratch shard of ``images``, each run
+    after a timing of the per-core decode ceiling (so the machine's drift hits both alike).
 
     On a CPU device the main thread runs its torch ops (the NaN check) on one thread, as a GPU
     worker's host would: its device work is the GPU's, and an OpenMP team of the machine's size
@@ -108,7 +117,10 @@ def run_null_bench(config: RunConfig, images: list[Sample], source: str, encoder
         url = write_shard(Path(tmp) / "bench.tar", images)
         job = scratch_job(config, encoder, url, str(Path(tmp) / "out"))
         process_shard(url, "warm", job, encoder, pool)
+        ceiling = decode_probe(images[:DECODE_SAMPLES], config)
+        ceilings = []
         for i in range(repeats):
+            ceilings.append(ceiling())
             cpu, process_cpu, started = time.thread_time(), time.process_time(), time.perf_counter()
             result = process_shard(url, f"run-{i}", job, encoder, pool)
             runs.append((result.rows / (time.perf_counter() - started), time.thread_time() - cpu,
@@ -122,7 +134,8 @@ def run_null_bench(config: RunConfig, images: list[Sample], source: str, encoder
                        read_cpu_ms_per_img=times.read_cpu_s * per_image,
                        decode_cpu_ms_per_img=times.decode_cpu_s * per_image,
                        write_cpu_ms_per_img=times.write_cpu_s * per_image,
-                       process_cpu_ms_per_img=process_cpu * per_image)
+                       process_cpu_ms_per_img=process_cpu * per_image,
+                       decode_ceiling_img_s=statistics.median(ceilings))
 
 
 def format_null_report(f: NullFigures, config_path: str) -> str:
@@ -132,6 +145,8 @@ def format_null_report(f: NullFigures, config_path: str) -> str:
         "| figure | value |", "|---|---:|",
         f"| pipeline, model replaced by zeros (img/s) | {f.img_s:.1f} |",
         f"| img/s per decode thread | {f.img_s_per_decode_thread:.1f} |",
+        f"| per-core decode ceiling, timed between the runs (img/s per CPU-second) | {f.decode_ceiling_img_s:.1f} |",
+        f"| efficiency: pipeline / (ceiling x {f.decode_threads} decode thread(s)) | {f.efficiency:.2f} |",
         f"| CPU ms per image: main thread (batching, upload, handing rows over) | {f.main_thread_ms_per_img:.3f} |",
         f"| CPU ms per image: shard-reading thread (tar parsing) | {f.read_cpu_ms_per_img:.3f} |",
         f"| CPU ms per image: decode threads, summed | {f.decode_cpu_ms_per_img:.3f} |",
