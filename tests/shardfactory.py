@@ -77,10 +77,12 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def tar_bytes(members: Sequence[Member], gzip: bool = False) -> bytes:
-    """A tar (or tar.gz) holding ``members`` in order, with fixed mtimes."""
+def tar_bytes(members: Sequence[Member], gzip: bool = False, format: int = tarfile.PAX_FORMAT,
+              extra: Sequence[tuple[tarfile.TarInfo, bytes | None]] = ()) -> bytes:
+    """A tar (or tar.gz) holding ``members`` in order, with fixed mtimes, in tarfile's ``format``;
+    ``extra`` members (any TarInfo, e.g. links or odd types) come last."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz" if gzip else "w") as tar:
+    with tarfile.open(fileobj=buf, mode="w:gz" if gzip else "w", format=format) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.mtime = 1_700_000_000
@@ -90,6 +92,8 @@ def tar_bytes(members: Sequence[Member], gzip: bool = False) -> bytes:
             else:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+        for info, data in extra:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
     return buf.getvalue()
 
 

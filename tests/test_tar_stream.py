@@ -19,21 +19,8 @@ def _members() -> list[tuple[str, bytes | None]]:
             ("a/001.jpg", jpeg[:1000]), ("a/001.txt", b""), ("a/002.txt", b"x" * 512)]
 
 
-def _tar(members, fmt=tarfile.USTAR_FORMAT, extra=None) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.mtime = 1
-            if data is None:
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-            else:
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        for info, data in extra or []:
-            tar.addfile(info, io.BytesIO(data) if data is not None else None)
-    return buf.getvalue()
+def _tar(members, fmt=tarfile.USTAR_FORMAT, extra=()) -> bytes:
+    return sf.tar_bytes(members, format=fmt, extra=extra)
 
 
 def drain(open_stream, data: bytes, read_every: int = 1) -> list:
