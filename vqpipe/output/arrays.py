@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 
 def to_fixed_list_array(values: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
@@ -42,16 +41,15 @@ def narrow_rows(values: np.ndarray, value_type: pa.DataType) -> tuple[np.ndarray
     if values.dtype == target or not np.issubdtype(target, np.floating) \
             or np.finfo(target).max >= np.finfo(values.dtype).max:
         return values, bad
-    cast = torch.from_numpy(np.ascontiguousarray(values)).to(_TORCH_FLOATS[target]).numpy()
+    import torch  # here, not at the top: `vqpipe inspect` reads arrays through this module without torch
+
+    cast = torch.from_numpy(np.ascontiguousarray(values)).to(getattr(torch, target.name)).numpy()
     rows, cast_rows = values.reshape(len(values), -1), cast.reshape(len(values), -1)
     if rows.shape[1]:
         peak = np.maximum(rows.max(axis=1), -rows.min(axis=1))
         for i in np.flatnonzero(~(peak <= np.finfo(target).max)):  # NaN peaks too: rare, so checked exactly
             bad[i] = bool((np.isfinite(rows[i]) & ~np.isfinite(cast_rows[i])).any())
     return cast, bad
-
-
-_TORCH_FLOATS = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 
 
 def _cast(flat: np.ndarray, target: np.dtype) -> np.ndarray:
