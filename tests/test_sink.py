@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from s3server import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
-from vqpipe.output import layout
+from vqpipe.output import layout, sink
 from vqpipe.output.arrays import fixed_list_to_numpy, to_fixed_list_array
 from vqpipe.output.sink import ShardWriter, TokenLayout, arrow_schema, committed_stems, read_marker
 
@@ -122,6 +122,20 @@ def test_row_groups_and_encodings(output):
     assert "RLE_DICTIONARY" in encodings["codes.list.element.list.element"]
     assert "RLE_DICTIONARY" not in encodings["latents.list.element.list.element.list.element"]
     assert not any("BYTE_STREAM_SPLIT" in e for e in encodings.values())
+    stats = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i).is_stats_set
+             for i in range(meta.num_columns)}
+    assert stats.pop("latents.list.element.list.element.list.element") is False  # nobody reads them
+    assert all(stats.values()), stats  # the codes' min/max clear row groups in the decode job
+
+
+def test_multi_view_codes_are_dictionary_encoded_too(tmp_path):
+    views = TokenLayout(codes_shape=(2, 4, 3), latent_shape=(2, 2, 4, 3), codebook_size=1024, write_latents=True,
+                        views=2)
+    schema = arrow_schema(views, META)
+    paths = sink._writer_options(views, schema)
+    assert paths["use_dictionary"] == ["source", "codes" + ".list.element" * 3]
+    assert "latents" + ".list.element" * 4 not in paths["write_statistics"]
+    assert "crop_box.list.element.list.element" in paths["write_statistics"]
 
 
 def test_other_readers_see_the_shapes(output):

@@ -2,11 +2,11 @@
 
 torch's intra-op thread count is an OpenMP setting of each calling thread, initialised from a
 process-wide default on the thread's first op. A decode thread left at the default (the actor's
-CPU count) turns every resize into an OpenMP team of that many threads, whose idle members spin
-between ops: two decode threads on 2 cores ran 1 199 pre-resized 256 px JPEGs a second, 1 770
-with one torch thread each (same images, process CPU 0.84 vs 0.56 ms per image). The pool's
-threads fix their own count to 1; the default (and so every other thread, the caller's and any
-made later included) is left as it was.
+CPU count) may turn a large resize into an OpenMP team of that many threads beside the model's;
+one thread per image per decode thread is all the parallelism decoding needs. (Measured on 2
+cores: 4% less CPU per 1024x768 image, within noise at 256 px: tests/benchmarks/bench_pipeline_parts.py.)
+The pool's threads fix their own count to 1; the default (and so every other thread, the
+caller's and any made later included) is left as it was.
 """
 
 from __future__ import annotations

@@ -49,9 +49,11 @@ class NullEncoder(TokenEncoder):
         self._latents = torch.zeros(self.batch_size, cfg.embed_dim, side, side, device=self.device)
         self._uploaded: torch.Tensor | None = None
 
-    def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
+    def _to_device(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         if self.device.type != "cpu":
             return super()._to_device(pixels)  # the upload is the host's work, the scaling the GPU's
+        if isinstance(pixels, torch.Tensor):
+            return pixels.permute(0, 3, 1, 2)  # decoded on the device already (preprocess.decoder: gpu)
         if self._uploaded is None or self._uploaded.shape[1:] != pixels.shape[1:] or len(self._uploaded) < len(pixels):
             self._uploaded = torch.empty((max(len(pixels), self.batch_size), *pixels.shape[1:]), dtype=torch.uint8)
         uploaded = self._uploaded[:len(pixels)]

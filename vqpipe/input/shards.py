@@ -1,7 +1,8 @@
 """Read one WebDataset tar shard as a stream of :class:`~vqpipe.records.Sample`.
 
 The shard is streamed (:mod:`vqpipe.input.tar_stream`: plain tars member by member, anything
-else through ``tarfile``'s ``r|*``) straight from fsspec: never downloaded whole, never extracted. Members are grouped into samples by key, following
+else through ``tarfile``'s ``r|*``) straight from fsspec: never downloaded whole, never
+extracted. Members are grouped into samples by key, following
 img2dataset/webdataset: ``a/b/000008.v2.jpg`` is key ``a/b/000008``, field ``v2.jpg``.
 Each member is read whole into memory -- fine for images, and bounded by
 ``max_member_bytes`` for hostile ones. A dropped connection mid-shard is retried where it

@@ -35,7 +35,8 @@ def narrow_rows(values: np.ndarray, value_type: pa.DataType) -> tuple[np.ndarray
 
     One conversion for the check and the write alike, in torch (F16C: 0.012 vs numpy's 0.077 ms
     per 16 384 values), with the exact elementwise test only for rows whose peak is out of range:
-    float16 latents cost 0.17 ms less per image than a cast and a check done apart."""
+    float16 latents cost 0.13-0.17 ms less per image than a cast and a check done apart
+    (tests/benchmarks/bench_pipeline_parts.py)."""
     target = np.dtype(value_type.to_pandas_dtype())
     bad = np.zeros(len(values), dtype=bool)
     if values.dtype == target or not np.issubdtype(target, np.floating) \

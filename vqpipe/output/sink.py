@@ -299,18 +299,20 @@ def _writer_options(layout: TokenLayout, schema: pa.Schema) -> dict[str, Any]:
     # Dictionary pages pay off for codes (a few thousand distinct values per row group)
     # and the constant source; on float16 latents they made writes 2-3x and reads 3-5x
     # slower. BYTE_STREAM_SPLIT stays off: duckdb cannot read it on float16.
-    dictionary = ["source"] + (["codes" + ".list.element" * 2] if layout.write_codes else [])
-    # Min/max of every latent value per page is a sixth of the file's encoding time (0.06 of
-    # 0.35 ms per 16 384-value row) that no reader uses; the codes' statistics stay: the decode
-    # job clears row groups with them.
-    statistics = [path for f in schema if f.name != "latents" for path in _leaf_paths(f.name, f.type)]
+    dictionary = ["source"] + ([_leaf_path("codes", schema.field("codes").type)] if layout.write_codes else [])
+    # Min/max of every latent value per page is 12-26% of their encoding time (0.36-0.31 vs
+    # 0.41-0.42 ms per 16 384-value row: tests/benchmarks/bench_pipeline_parts.py) that no reader
+    # uses; the codes' statistics stay: the decode job clears row groups with them.
+    statistics = [_leaf_path(f.name, f.type) for f in schema if f.name != "latents"]
     return {"compression": layout.compression, "use_dictionary": dictionary, "write_statistics": statistics}
 
 
-def _leaf_paths(path: str, kind: pa.DataType) -> list[str]:
+def _leaf_path(path: str, kind: pa.DataType) -> str:
+    """The Parquet column path of a (nested) list field's values, e.g. ``codes.list.element.list.element``
+    (one more level with views)."""
     while pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
         path, kind = path + ".list.element", kind.value_type
-    return [path]
+    return path
 
 
 def _target(sink: _Sink) -> storage.AtomicFile:
